@@ -1,0 +1,44 @@
+# featurezoo: `make demo` and `make test` do all set-up on a fresh machine.
+PY        ?= python3
+VENV      ?= .venv
+FZ_CACHE  ?= $(HOME)/.cache/featurezoo
+# The MindCV reference environment and its outputs live outside the repo, keyed by version.
+MS_VENV   ?= $(FZ_CACHE)/venv-mindcv-0.3.0-ms-2.10.0
+REF_CACHE ?= $(FZ_CACHE)/mindcv-ref
+PYTEST_ARGS ?= -n 2 -q
+
+export FEATUREZOO_REF_CACHE := $(REF_CACHE)
+
+.PHONY: venv msvenv refs test demo bench clean
+
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: requirements-dev.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+msvenv: $(MS_VENV)/.stamp
+$(MS_VENV)/.stamp: tools/mindcv-requirements.txt
+	rm -rf $(MS_VENV)
+	$(PY) -m venv $(MS_VENV)
+	$(MS_VENV)/bin/pip install -q --disable-pip-version-check -r tools/mindcv-requirements.txt
+	touch $@
+
+# MindCV reference outputs for every model the tests compare (only missing ones are computed).
+refs: venv msvenv
+	mkdir -p $(REF_CACHE)
+	$(VENV)/bin/python -m tests.reference jobs > $(REF_CACHE)/jobs.json
+	$(MS_VENV)/bin/python tools/mindcv_reference.py --out $(REF_CACHE) --jobs $(REF_CACHE)/jobs.json
+
+test: venv refs
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/featurezoo demo
+
+bench: venv
+	$(VENV)/bin/python benchmarks/bench_features.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,109 @@
+"""Published weights: download once into a cache, atomically, then load."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from .errors import CheckpointError
+
+__all__ = ["cache_dir", "cached_path", "download", "load_pretrained"]
+
+_logger = logging.getLogger(__name__)
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z]+$")
+
+
+def cache_dir() -> Path:
+    """``$FEATUREZOO_HOME/checkpoints`` (default ``~/.cache/featurezoo/checkpoints``)."""
+    home = os.environ.get("FEATUREZOO_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "featurezoo")
+    return Path(home) / "checkpoints"
+
+
+def cached_path(url: str) -> Path:
+    return cache_dir() / os.path.basename(url.split("?")[0])
+
+
+def download(url: str, dest: Path, progress: bool = True) -> Path:
+    """Fetch ``url`` to ``dest`` through a temporary file renamed into place.
+
+    If the file name carries a hex prefix of its SHA-256 (``name-1a2b3c4d.ckpt``,
+    timm's and torch.hub's convention) the download is checked against it.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    sha = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            total = int(resp.headers.get("Content-Length") or 0)
+            bar = _progress(total, dest.name) if progress else None
+            while True:
+                chunk = resp.read(1 << 20)
+                if not chunk:
+                    break
+                out.write(chunk)
+                sha.update(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+        match = _HASH_IN_NAME.search(dest.name)
+        if match and not sha.hexdigest().startswith(match.group(1)):
+            raise CheckpointError(
+                f"download of {url} is corrupt: SHA-256 {sha.hexdigest()[:16]}... does not start with "
+                f"{match.group(1)} from its name"
+            )
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError) as e:
+        raise CheckpointError(
+            f"could not download {url} ({e}). If this machine is offline, download the file elsewhere and place "
+            f"it at {dest} (or set FEATUREZOO_HOME)"
+        ) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+class _TextProgress:
+    """A minimal progress bar on stderr, used when tqdm is not installed."""
+
+    def __init__(self, total: int, name: str):
+        self.total, self.done, self.name = total, 0, name
+
+    def update(self, n: int) -> None:
+        self.done += n
+        pct = f"{100 * self.done / self.total:5.1f}%" if self.total else f"{self.done >> 20} MiB"
+        sys.stderr.write(f"\rdownloading {self.name}: {pct}")
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
+def _progress(total: int, name: str) -> Any:
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total or None, unit="B", unit_scale=True, desc=name)
+    except ImportError:
+        return _TextProgress(total, name)
+
+
+def load_pretrained(model: nn.Module, cfg: Any, num_classes: int = 1000, in_channels: int = 3) -> None:
+    """Load the published weights of ``cfg.url`` (cached) into ``model``."""
+    from .load import load_checkpoint
+
+    if not cfg.url:
+        raise CheckpointError(f"{cfg.name or type(model).__name__} has no published weights (its cfg has no url)")
+    path = cached_path(cfg.url)
+    if not path.exists():
+        download(cfg.url, path)
+    load_checkpoint(model, path)

@@ -1,0 +1,135 @@
+"""``load_checkpoint``: all checks first, then one copy, so a failed load
+leaves the model exactly as it was."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError
+from .io import PathLike, read_state_dict, unwrap_state_dict
+from .mapping import map_names
+
+__all__ = ["LoadReport", "load_checkpoint", "adapt_input_conv"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadReport:
+    """What a load did. ``loaded`` are model names that received a tensor."""
+
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    remapped: List[Tuple[str, str, str]] = field(default_factory=list)
+    skipped_head: List[str] = field(default_factory=list)
+    skipped_unused: List[str] = field(default_factory=list)
+    ignored: List[str] = field(default_factory=list)
+    adapted: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [f"loaded {len(self.loaded)}"]
+        for label in ("missing", "unexpected", "remapped", "skipped_head", "skipped_unused", "ignored", "adapted"):
+            n = len(getattr(self, label))
+            if n:
+                parts.append(f"{label.replace('_', ' ')} {n}")
+        return "LoadReport(" + ", ".join(parts) + ")"
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Adapt a first-conv weight trained on RGB to ``in_channels`` inputs:
+    1 channel sums the RGB filters; more repeats them and rescales so the
+    expected activation is unchanged."""
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_channels // weight.shape[1])
+    return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
+
+
+def _model_info(model: nn.Module) -> Tuple[str, Tuple[str, ...], str, Optional[set]]:
+    cfg = getattr(model, "default_cfg", None)
+    name = getattr(model, "model_name", None) or getattr(cfg, "name", "") or type(model).__name__
+    heads = tuple(getattr(cfg, "classifier_names", ()))
+    first_conv = getattr(cfg, "first_conv", "") or ""
+    return name, heads, first_conv, getattr(model, "full_state_keys", None)
+
+
+def _is_under(key: str, modules: Tuple[str, ...]) -> bool:
+    return any(key == m or key.startswith(m + ".") for m in modules)
+
+
+def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, Any]], *, ema: bool = False,
+                    auto_mapping: bool = False, strict: bool = True) -> LoadReport:
+    """Load a checkpoint (path or state dict) into ``model`` (full or feature model).
+
+    * Names: MindSpore names map by fixed rules; ``auto_mapping=True`` also
+      accepts prefixed and MindCV-flattened names and unique equal-shape pairs.
+    * Head: a feature model ignores classifier weights; a classifier with a
+      different ``num_classes`` keeps its own (reported as ``skipped_head``).
+    * Errors (``CheckpointError``, model untouched): unreadable file, shape
+      mismatch, and, when ``strict``, missing or unexpected names.
+    """
+    name, heads, first_conv, full_keys = _model_info(model)
+    source = f"checkpoint {str(checkpoint)!r}" if not isinstance(checkpoint, Mapping) else "state dict"
+    raw = checkpoint if isinstance(checkpoint, Mapping) else read_state_dict(checkpoint)
+    state = unwrap_state_dict(raw, ema=ema, source=source)
+
+    own = model.state_dict()
+    shapes = {k: v.shape for k, v in own.items()}
+    mapping = map_names(state, shapes, ema=ema and not _has_ema_container(raw), auto_mapping=auto_mapping,
+                        model_name=name)
+    report = LoadReport(remapped=mapping.remapped, ignored=mapping.training_state + mapping.ema_dropped)
+
+    to_load: Dict[str, torch.Tensor] = {}
+    mismatched: List[str] = []
+    in_chs = None
+    for key, tensor in mapping.mapped.items():
+        want = shapes[key]
+        if tensor.shape == want:
+            to_load[key] = tensor
+        elif _is_under(key, heads):
+            report.skipped_head.append(key)
+        elif first_conv and key == f"{first_conv}.weight" and tensor.dim() == 4 and tensor.shape[0] == want[0] \
+                and tensor.shape[2:] == want[2:]:
+            in_chs = want[1]
+            to_load[key] = adapt_input_conv(tensor, in_chs)
+            report.adapted.append(key)
+        else:
+            mismatched.append(f"{key}: checkpoint {list(tensor.shape)} vs model {list(want)}")
+    if mismatched:
+        raise CheckpointError(
+            f"{name}: {len(mismatched)} shape mismatch(es) loading {source}, nothing was loaded:\n  "
+            + "\n  ".join(mismatched[:20])
+        )
+    if report.skipped_head:
+        _logger.warning("%s: classifier weights %s do not fit (different num_classes); the head keeps its "
+                        "initialisation", name, report.skipped_head)
+
+    for key in mapping.unmatched:
+        if _is_under(key, heads):
+            report.skipped_head.append(key)
+        elif full_keys is not None and key in full_keys:
+            report.skipped_unused.append(key)
+        else:
+            report.unexpected.append(key)
+    report.missing = [k for k in own if k not in to_load and k not in report.skipped_head
+                      and not k.endswith("num_batches_tracked")]
+    if strict and (report.missing or report.unexpected):
+        hint = "" if auto_mapping else "; if the names differ only by prefix or flattening, pass auto_mapping=True"
+        raise CheckpointError(
+            f"{name}: {source} does not fit, nothing was loaded: {len(report.missing)} missing "
+            f"{report.missing[:8]}, {len(report.unexpected)} unexpected {report.unexpected[:8]}{hint}"
+        )
+    model.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+    _logger.info("%s: %s from %s", name, report, source)
+    return report
+
+
+def _has_ema_container(raw: Any) -> bool:
+    return isinstance(raw, Mapping) and any(k in raw for k in ("state_dict_ema", "model_ema", "ema_state_dict"))
+

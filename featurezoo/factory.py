@@ -1,0 +1,64 @@
+"""``create_model``: MindCV's signature and meaning, on PyTorch."""
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+import torch.nn as nn
+
+from .builder import creating_model
+from .registry import model_entrypoint
+
+__all__ = ["create_model"]
+
+
+def create_model(
+    model_name: str,
+    num_classes: int = 1000,
+    pretrained: bool = False,
+    in_channels: int = 3,
+    checkpoint_path: str = "",
+    ema: bool = False,
+    auto_mapping: bool = False,
+    features_only: bool = False,
+    out_indices: Union[Sequence[int], str, None] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Create a registered model by name.
+
+    Args:
+        model_name: a name from :func:`featurezoo.list_models`.
+        num_classes: classifier outputs (ignored by feature models).
+        pretrained: load the model's published weights (downloaded and cached).
+        in_channels: input channels.
+        checkpoint_path: a checkpoint to load (``.ckpt``, ``.pt/.pth/.bin``,
+            ``.safetensors``); excludes ``pretrained``.
+        ema: take the ``ema.``-prefixed weights of the checkpoint.
+        auto_mapping: map checkpoint names that differ from ours (flattened
+            ``features_0.`` names, ``module.``/``backbone.`` prefixes, ...).
+        features_only: return a backbone that outputs a list of feature maps.
+        out_indices: which ``feature_info`` entries to output: ints (negative
+            count from the end), ``None`` for all, or ``"pyramid"`` for the last
+            entry at each distinct reduction.
+        **kwargs: passed to the model's builder; ``None`` values are dropped
+            (as MindCV does).
+
+    >>> m = create_model("resnet18", features_only=True, out_indices=[1, 2, 3, 4])
+    >>> m.out_channels
+    [64, 128, 256, 512]
+    """
+    if checkpoint_path and pretrained:
+        raise ValueError("checkpoint_path and pretrained=True are mutually exclusive; pass one of them")
+    create_fn = model_entrypoint(model_name)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if features_only or out_indices is not None:
+        kwargs.update(features_only=features_only, out_indices=out_indices)
+    token = creating_model.set(model_name)
+    try:
+        model = create_fn(pretrained=pretrained, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    finally:
+        creating_model.reset(token)
+    if checkpoint_path:
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(model, checkpoint_path, ema=ema, auto_mapping=auto_mapping)
+    return model

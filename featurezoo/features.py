@@ -1,0 +1,363 @@
+"""The feature contract: ``feature_info``, ``out_indices`` and the wrapper that
+turns a classifier into a backbone returning a feature pyramid.
+
+A model registers its extractable layers in ``self.feature_info``, a list of
+``dict(chs=, reduction=, name=)`` appended in ``__init__`` (see the MindCV
+guide). :class:`FeatureExtractWrapper` then serves one of three kinds of model:
+
+* **sequential** (the guide's scenarios 1 and 2): the model's forward is its
+  top-level children called in registration order, each once. A feature
+  ``name`` is a top-level child or, inside an ``nn.Sequential``, a dotted path
+  (``"features.3"``); such a container is entered and its children run in
+  order, which computes exactly what the container would. ``flatten_sequential``
+  is accepted and implied.
+* **rewritten** (scenario 3, ``is_rewritten = True``): ``forward_features``
+  returns one tensor per ``feature_info`` entry.
+* **intermediates** (our extension for models whose forward is not a chain of
+  modules: HRNet, DPN, Inception, ViTs): the model implements
+  ``forward_intermediates(x, indices)`` and ``prune_intermediates(indices)``,
+  so the same forward code serves the classifier and the backbone, and what
+  the requested outputs do not need is neither held nor computed.
+
+The wrapper holds the model's own modules, parameters and buffers under their
+own names, so ``state_dict()`` keys are the full model's keys for what it kept.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["FeatureInfo", "FeatureExtractWrapper", "normalize_out_indices", "get_feature_info",
+           "supports_features", "PYRAMID"]
+
+_logger = logging.getLogger(__name__)
+
+PYRAMID = "pyramid"
+_REQUIRED_KEYS = ("chs", "reduction", "name")
+_FORMATS = ("NCHW", "NHWC")
+
+
+class FeatureInfo:
+    """Validated, read-only view of a model's ``feature_info`` entries.
+
+    >>> info = FeatureInfo([dict(chs=64, reduction=2, name="relu"), dict(chs=256, reduction=4, name="layer1")])
+    >>> info.channels(), info.reduction(), info.module_name(1)
+    ([64, 256], [2, 4], 'layer1')
+    """
+
+    def __init__(self, entries: Sequence[Mapping[str, Any]], model_name: str = "model",
+                 module: Optional[nn.Module] = None):
+        self.model_name = model_name
+        if isinstance(entries, FeatureInfo):
+            entries = entries.info
+        if not isinstance(entries, (list, tuple)) or not entries:
+            raise ValueError(
+                f"{model_name} does not support features_only: its feature_info must be a non-empty list of "
+                f"dict(chs=, reduction=, name=), got {entries!r}"
+            )
+        self.info: List[Dict[str, Any]] = []
+        for i, entry in enumerate(entries):
+            self.info.append(self._check_entry(i, entry, module))
+
+    def _check_entry(self, i: int, entry: Any, module: Optional[nn.Module]) -> Dict[str, Any]:
+        where = f"{self.model_name}: feature_info[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where} must be a dict(chs=, reduction=, name=), got {entry!r}")
+        missing = [k for k in _REQUIRED_KEYS if k not in entry]
+        if missing:
+            raise ValueError(f"{where} = {dict(entry)!r} lacks key(s) {missing}; each entry needs {list(_REQUIRED_KEYS)}")
+        for key in ("chs", "reduction"):
+            value = entry[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{where}[{key!r}] must be a positive int, got {value!r}")
+        name = entry["name"]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}['name'] must be a module name (str), got {name!r}")
+        if module is not None:
+            try:
+                module.get_submodule(name)
+            except AttributeError:
+                top = ", ".join(n for n, _ in module.named_children())
+                raise ValueError(
+                    f"{where}['name'] = {name!r} is not a module of the model; names are named_modules() paths, "
+                    f"top-level modules are: {top}"
+                ) from None
+        fmt = entry.get("fmt", "NCHW")
+        if fmt not in _FORMATS:
+            raise ValueError(f"{where}['fmt'] = {fmt!r}; valid: {list(_FORMATS)}")
+        return dict(entry)
+
+    # -- selection -----------------------------------------------------------------
+    def table(self) -> str:
+        """The entries as a text table (used in error messages and the CLI)."""
+        rows = [("index", "name", "chs", "reduction")]
+        rows += [(str(i), e["name"], str(e["chs"]), str(e["reduction"])) for i, e in enumerate(self.info)]
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        return "\n".join("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+    def select(self, indices: Sequence[int]) -> "FeatureInfo":
+        return FeatureInfo([self.info[i] for i in indices], self.model_name)
+
+    # -- accessors (timm-compatible) ---------------------------------------------------
+    def get(self, key: str, idx: Union[int, Sequence[int], None] = None) -> Any:
+        if idx is None:
+            return [e[key] for e in self.info]
+        if isinstance(idx, int):
+            return self.info[idx][key]
+        return [self.info[i][key] for i in idx]
+
+    def channels(self, idx: Union[int, Sequence[int], None] = None) -> Any:
+        return self.get("chs", idx)
+
+    def reduction(self, idx: Union[int, Sequence[int], None] = None) -> Any:
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: Union[int, Sequence[int], None] = None) -> Any:
+        return self.get("name", idx)
+
+    def get_dicts(self) -> List[Dict[str, Any]]:
+        return [dict(e) for e in self.info]
+
+    def __getitem__(self, idx: int) -> Dict[str, Any]:
+        return self.info[idx]
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        return iter(self.info)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FeatureInfo):
+            return self.info == other.info
+        if isinstance(other, (list, tuple)):
+            return self.info == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"FeatureInfo({self.model_name}, {self.info})"
+
+
+def normalize_out_indices(out_indices: Union[Sequence[int], str, None], info: FeatureInfo) -> List[int]:
+    """The one place ``out_indices`` is interpreted.
+
+    * ``None``: every entry, in order.
+    * ``"pyramid"``: the last entry at each distinct reduction, in order; the
+      standard detector pyramid even for models that list one entry per block.
+    * a sequence of ints: entries in the order given; negative values count
+      from the end. Duplicates and out-of-range values are errors.
+    """
+    n = len(info)
+    if out_indices is None:
+        return list(range(n))
+    if isinstance(out_indices, str):
+        if out_indices != PYRAMID:
+            raise ValueError(
+                f"{info.model_name}: out_indices={out_indices!r} is not valid; use a list of ints, None (all), "
+                f"or {PYRAMID!r}"
+            )
+        last_at: Dict[int, int] = {}
+        for i, r in enumerate(info.reduction()):
+            last_at[r] = i
+        return sorted(last_at.values())
+    if isinstance(out_indices, (int, bool)) or not isinstance(out_indices, Sequence):
+        raise ValueError(
+            f"{info.model_name}: out_indices must be a sequence of ints (e.g. [1, 2, 3]), None or {PYRAMID!r}, "
+            f"got {out_indices!r}. Valid entries:\n{info.table()}"
+        )
+    if len(out_indices) == 0:
+        raise ValueError(f"{info.model_name}: out_indices is empty. Valid entries:\n{info.table()}")
+    result: List[int] = []
+    for idx in out_indices:
+        if isinstance(idx, bool) or not isinstance(idx, int):
+            raise ValueError(f"{info.model_name}: out_indices entries must be ints, got {idx!r}")
+        if not -n <= idx < n:
+            raise ValueError(
+                f"{info.model_name}: out_indices entry {idx} is out of range; {n} entries, valid indices "
+                f"{-n}..{n - 1}:\n{info.table()}"
+            )
+        pos = idx % n
+        if pos in result:
+            raise ValueError(
+                f"{info.model_name}: out_indices {list(out_indices)!r} names entry {pos} "
+                f"({info.module_name(pos)}) twice. Valid entries:\n{info.table()}"
+            )
+        result.append(pos)
+    return result
+
+
+def _sequential_plan(model: nn.Module, targets: Sequence[str], model_name: str) -> List[Tuple[str, nn.Module]]:
+    """The (name, module) steps to run, in order, up to the last target.
+
+    Containers that hold a target are entered (only ``nn.Sequential``, whose
+    forward is exactly its children in order); everything after the last
+    target is left out.
+    """
+    remaining = set(targets)
+    steps: List[Tuple[str, nn.Module]] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            if not remaining:
+                return
+            full = prefix + name
+            if full in remaining:
+                steps.append((full, child))
+                remaining.discard(full)
+            elif any(t.startswith(full + ".") for t in remaining):
+                if not isinstance(child, nn.Sequential):
+                    inner = sorted(t for t in remaining if t.startswith(full + "."))
+                    raise ValueError(
+                        f"{model_name}: feature(s) {inner} lie inside {full!r}, a {type(child).__name__}; only an "
+                        f"nn.Sequential can be entered. Register {full!r} itself, or implement "
+                        f"forward_intermediates / is_rewritten for this model"
+                    )
+                walk(child, full + ".")
+            else:
+                steps.append((full, child))
+
+    walk(model, "")
+    if remaining:
+        raise ValueError(
+            f"{model_name}: feature(s) {sorted(remaining)} are nested inside another requested feature; "
+            f"a sequential model cannot output both a container and a module inside it"
+        )
+    return steps
+
+
+def _prune_after(model: nn.Module, steps: List[Tuple[str, nn.Module]]) -> None:
+    """Drop every module the steps do not run: later siblings at each entered level."""
+    kept = {name for name, _ in steps}
+    entered = {name.rsplit(".", 1)[0] for name in kept if "." in name}
+    # Every prefix of a dotted step name is a container that was entered.
+    for name in list(entered):
+        parts = name.split(".")
+        entered.update(".".join(parts[:i]) for i in range(1, len(parts)))
+
+    def prune(module: nn.Module, prefix: str) -> None:
+        for name in list(module._modules):
+            full = prefix + name
+            if full in entered:
+                prune(module._modules[name], full + ".")
+            elif full not in kept:
+                del module._modules[name]
+
+    prune(model, "")
+
+
+class FeatureExtractWrapper(nn.Module):
+    """A backbone that returns the feature maps of the selected ``feature_info`` entries.
+
+    Assumptions (as MindCV's and torchvision's ``IntermediateLayerGetter``):
+    in a sequential model, top-level modules are registered in the order they
+    are called and none is called twice.
+
+    Attributes:
+        out_indices: the selected entries, in the order outputs are returned.
+        feature_info: :class:`FeatureInfo` of the selected entries, same order.
+        out_channels: their channel counts (MindCV's name).
+
+    The forward returns a list of NCHW tensors, one per selected entry.
+    """
+
+    def __init__(self, model: nn.Module, out_indices: Union[Sequence[int], str, None] = None,
+                 model_name: Optional[str] = None):
+        super().__init__()
+        name = model_name or getattr(getattr(model, "default_cfg", None), "name", "") or type(model).__name__
+        if not hasattr(model, "feature_info"):
+            raise ValueError(f"{name} does not support features_only: it registers no feature_info")
+        full_info = FeatureInfo(model.feature_info, name, module=model)
+        indices = normalize_out_indices(out_indices, full_info)
+
+        self.model_name = name
+        self.out_indices = indices
+        self.feature_info = full_info.select(indices)
+        self.out_channels = self.feature_info.channels()
+        self.default_cfg = getattr(model, "default_cfg", None)
+        self._full_feature_info = full_info
+        # Names of the complete model, so a loader can tell "pruned here" from "unknown".
+        self.full_state_keys = frozenset(model.state_dict())
+
+        if callable(getattr(model, "forward_intermediates", None)):
+            self._mode = "intermediates"
+            model.prune_intermediates(indices)
+        elif getattr(model, "is_rewritten", False):
+            self._mode = "rewritten"
+            self._drop_classifier(model)
+        else:
+            self._mode = "sequential"
+            names = [full_info.module_name(i) for i in indices]
+            self._steps = _sequential_plan(model, names, name)
+            _prune_after(model, self._steps)
+            self._capture = {n: pos for pos, n in enumerate(names)}
+            self._to_nchw = {n for n, i in zip(names, indices) if full_info[i].get("fmt", "NCHW") == "NHWC"}
+        # Hold the model's own containers: state_dict keys stay the model's keys.
+        self._modules = model._modules
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        self._non_persistent_buffers_set = model._non_persistent_buffers_set
+        object.__setattr__(self, "_backbone", model)
+        self.train(model.training)
+
+    def _drop_classifier(self, model: nn.Module) -> None:
+        cfg = getattr(model, "default_cfg", None)
+        for head in getattr(cfg, "classifier_names", ()):
+            parent, _, leaf = head.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            if leaf in owner._modules:
+                del owner._modules[leaf]
+
+    def train(self, mode: bool = True) -> "FeatureExtractWrapper":
+        self._backbone.train(mode)
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        if self._mode == "sequential":
+            out: List[Optional[torch.Tensor]] = [None] * len(self.out_indices)
+            for name, module in self._steps:
+                x = module(x)
+                pos = self._capture.get(name)
+                if pos is not None:
+                    out[pos] = x.permute(0, 3, 1, 2) if name in self._to_nchw else x
+            return out  # type: ignore[return-value]
+        if self._mode == "intermediates":
+            order = sorted(self.out_indices)
+            feats = self._backbone.forward_intermediates(x, order)
+            by_index = dict(zip(order, feats))
+            return [by_index[i] for i in self.out_indices]
+        feats = self._backbone.forward_features(x)
+        if len(feats) != len(self._full_feature_info):
+            raise RuntimeError(
+                f"{self.model_name}: forward_features returned {len(feats)} tensors but feature_info has "
+                f"{len(self._full_feature_info)} entries; an is_rewritten model must return one per entry"
+            )
+        return [feats[i] for i in self.out_indices]
+
+    def extra_repr(self) -> str:
+        return f"model={self.model_name}, out_indices={self.out_indices}, mode={self._mode}"
+
+
+def get_feature_info(model_name: str, out_indices: Union[Sequence[int], str, None] = None,
+                     **kwargs: Any) -> FeatureInfo:
+    """Feature info of a registered model, read from a build on the meta device
+    (no weights allocated, so it is cheap even for the largest variants)."""
+    from .factory import create_model
+
+    with torch.device("meta"):
+        model = create_model(model_name, features_only=True, out_indices=out_indices, **kwargs)
+    return model.feature_info
+
+
+@functools.lru_cache(maxsize=None)
+def supports_features(model_name: str) -> bool:
+    """Whether ``create_model(model_name, features_only=True)`` works."""
+    from .factory import create_model
+
+    with torch.device("meta"):
+        model = create_model(model_name)
+    return bool(getattr(model, "feature_info", None))

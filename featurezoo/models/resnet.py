@@ -1,0 +1,215 @@
+"""ResNet and ResNeXt, with MindCV's module tree and parameter names.
+
+`Deep Residual Learning for Image Recognition <https://arxiv.org/abs/1512.03385>`_;
+the stride sits in the 3x3 conv of a bottleneck (ResNet v1.5), the stem's max
+pool uses MindSpore's ``same`` padding.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Type, Union
+
+import torch
+import torch.nn as nn
+
+from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..layers import GlobalAvgPooling, MaxPool2d
+from ..registry import register_model
+
+__all__ = ["ResNet", "BasicBlock", "Bottleneck"]
+
+
+def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    # MindCV pads k>1 convs by k//2 and gives none a bias; for its 1x1 "same" convs padding is 0 at any stride.
+    return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=kernel_size // 2, groups=groups, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion: int = 1
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, groups: int = 1, base_width: int = 64,
+                 norm: Optional[Type[nn.Module]] = None, down_sample: Optional[nn.Module] = None):
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError(f"BasicBlock supports only groups=1 and base_width=64, got {groups}, {base_width}")
+        norm = norm or nn.BatchNorm2d
+        self.conv1 = _conv(in_channels, channels, 3, stride)
+        self.bn1 = norm(channels)
+        self.relu = nn.ReLU()
+        self.conv2 = _conv(channels, channels, 3)
+        self.bn2 = norm(channels)
+        self.down_sample = down_sample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.down_sample is None else self.down_sample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion: int = 4
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, groups: int = 1, base_width: int = 64,
+                 norm: Optional[Type[nn.Module]] = None, down_sample: Optional[nn.Module] = None):
+        super().__init__()
+        norm = norm or nn.BatchNorm2d
+        width = int(channels * (base_width / 64.0)) * groups
+        self.conv1 = _conv(in_channels, width, 1)
+        self.bn1 = norm(width)
+        self.conv2 = _conv(width, width, 3, stride, groups)
+        self.bn2 = norm(width)
+        self.conv3 = _conv(width, channels * self.expansion, 1)
+        self.bn3 = norm(channels * self.expansion)
+        self.relu = nn.ReLU()
+        self.down_sample = down_sample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.down_sample is None else self.down_sample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet/ResNeXt classifier; ``feature_info``: the stem's ``relu`` and ``layer1``..``layer4``.
+
+    Args:
+        block: ``BasicBlock`` or ``Bottleneck``.
+        layers: blocks per stage.
+        num_classes, in_channels: classifier outputs, input channels.
+        groups, base_width: ResNeXt cardinality and width per group.
+        norm: normalisation layer class (``nn.BatchNorm2d``).
+    """
+
+    def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: Sequence[int], num_classes: int = 1000,
+                 in_channels: int = 3, groups: int = 1, base_width: int = 64,
+                 norm: Optional[Type[nn.Module]] = None):
+        super().__init__()
+        self.norm = norm or nn.BatchNorm2d
+        self.input_channels = 64
+        self.groups = groups
+        self.base_with = base_width  # MindCV's spelling, kept for attribute compatibility
+
+        self.conv1 = _conv(in_channels, self.input_channels, 7, stride=2)
+        self.bn1 = self.norm(self.input_channels)
+        self.relu = nn.ReLU()
+        reduction = 2
+        self.feature_info = [dict(chs=self.input_channels, reduction=reduction, name="relu")]
+        self.max_pool = MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
+        reduction *= 2
+        for i, (channels, num_blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            self.add_module(f"layer{i + 1}", self._make_layer(block, channels, num_blocks, stride))
+            self.feature_info.append(dict(chs=self.input_channels, reduction=reduction, name=f"layer{i + 1}"))
+
+        self.pool = GlobalAvgPooling()
+        self.num_features = self.input_channels
+        self.classifier = nn.Linear(self.num_features, num_classes)
+        self._initialize_weights()
+
+    def _initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="sigmoid")
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block: Type[Union[BasicBlock, Bottleneck]], channels: int, num_blocks: int,
+                    stride: int = 1) -> nn.Sequential:
+        out_channels = channels * block.expansion
+        down_sample = None
+        if stride != 1 or self.input_channels != out_channels:
+            down_sample = nn.Sequential(_conv(self.input_channels, out_channels, 1, stride), self.norm(out_channels))
+        blocks: List[nn.Module] = [block(self.input_channels, channels, stride, self.groups, self.base_with,
+                                         self.norm, down_sample)]
+        self.input_channels = out_channels
+        blocks += [block(out_channels, channels, 1, self.groups, self.base_with, self.norm)
+                   for _ in range(1, num_blocks)]
+        return nn.Sequential(*blocks)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.max_pool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
+    return build_model_with_cfg(ResNet, pretrained, default_cfg=default_cfgs[variant], **kwargs)
+
+
+def _cfg(url: str = "", **kwargs):
+    return dict(url=url, num_classes=1000, first_conv="conv1", classifier="classifier", **kwargs)
+
+
+_MS = "https://download.mindspore.cn/toolkits/mindcv"
+default_cfgs = generate_default_cfgs({
+    "resnet18": _cfg(f"{_MS}/resnet/resnet18-1e65cd21.ckpt"),
+    "resnet34": _cfg(f"{_MS}/resnet/resnet34-f297d27e.ckpt"),
+    "resnet50": _cfg(f"{_MS}/resnet/resnet50-e0733ab8.ckpt"),
+    "resnet101": _cfg(f"{_MS}/resnet/resnet101-689c5e77.ckpt"),
+    "resnet152": _cfg(f"{_MS}/resnet/resnet152-beb689d8.ckpt"),
+    "resnext50_32x4d": _cfg(f"{_MS}/resnext/resnext50_32x4d-af8aba16.ckpt"),
+    "resnext101_32x4d": _cfg(f"{_MS}/resnext/resnext101_32x4d-3c1e9c51.ckpt"),
+    "resnext101_64x4d": _cfg(f"{_MS}/resnext/resnext101_64x4d-8929255b.ckpt"),
+    "resnext152_64x4d": _cfg(f"{_MS}/resnext/resnext152_64x4d-3aba275c.ckpt"),
+})
+
+
+@register_model
+def resnet18(pretrained: bool = False, **kwargs) -> ResNet:
+    return _create_resnet("resnet18", pretrained, block=BasicBlock, layers=(2, 2, 2, 2), **kwargs)
+
+
+@register_model
+def resnet34(pretrained: bool = False, **kwargs) -> ResNet:
+    return _create_resnet("resnet34", pretrained, block=BasicBlock, layers=(3, 4, 6, 3), **kwargs)
+
+
+@register_model
+def resnet50(pretrained: bool = False, **kwargs) -> ResNet:
+    return _create_resnet("resnet50", pretrained, block=Bottleneck, layers=(3, 4, 6, 3), **kwargs)
+
+
+@register_model
+def resnet101(pretrained: bool = False, **kwargs) -> ResNet:
+    return _create_resnet("resnet101", pretrained, block=Bottleneck, layers=(3, 4, 23, 3), **kwargs)
+
+
+@register_model
+def resnet152(pretrained: bool = False, **kwargs) -> ResNet:
+    return _create_resnet("resnet152", pretrained, block=Bottleneck, layers=(3, 8, 36, 3), **kwargs)
+
+
+@register_model
+def resnext50_32x4d(pretrained: bool = False, **kwargs) -> ResNet:
+    return _create_resnet("resnext50_32x4d", pretrained, block=Bottleneck, layers=(3, 4, 6, 3), groups=32,
+                          base_width=4, **kwargs)
+
+
+@register_model
+def resnext101_32x4d(pretrained: bool = False, **kwargs) -> ResNet:
+    return _create_resnet("resnext101_32x4d", pretrained, block=Bottleneck, layers=(3, 4, 23, 3), groups=32,
+                          base_width=4, **kwargs)
+
+
+@register_model
+def resnext101_64x4d(pretrained: bool = False, **kwargs) -> ResNet:
+    return _create_resnet("resnext101_64x4d", pretrained, block=Bottleneck, layers=(3, 4, 23, 3), groups=64,
+                          base_width=4, **kwargs)
+
+
+@register_model
+def resnext152_64x4d(pretrained: bool = False, **kwargs) -> ResNet:
+    return _create_resnet("resnext152_64x4d", pretrained, block=Bottleneck, layers=(3, 8, 36, 3), groups=64,
+                          base_width=4, **kwargs)
