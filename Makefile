@@ -28,7 +28,7 @@ $(MS_VENV)/.stamp: tools/mindcv-requirements.txt
 # MindCV reference outputs for every model the tests compare (only missing ones are computed).
 refs: venv msvenv
 	mkdir -p $(REF_CACHE)
-	$(VENV)/bin/python -m tests.reference jobs > $(REF_CACHE)/jobs.json
+	$(VENV)/bin/python -m tests.zoo jobs > $(REF_CACHE)/jobs.json
 	$(MS_VENV)/bin/python tools/mindcv_reference.py --out $(REF_CACHE) --jobs $(REF_CACHE)/jobs.json
 
 test: venv refs

@@ -1,0 +1,139 @@
+"""Access to the cached MindCV reference outputs (no MindSpore needed).
+
+The cache is produced by ``tools/mindcv_reference.py`` running under the MindCV
+venv (``make refs``).  Layout::
+
+    $FEATUREZOO_REF_CACHE (default ~/.cache/featurezoo/mindcv-ref)/
+      mindcv-<MINDCV_VERSION>-ms-<MINDSPORE_VERSION>/
+        <model>-<size>px-b<batch>-s<seed>/
+          meta.json      # always present in a finished reference
+          model.ckpt     # MindSpore checkpoint of the randomised net (absent on error)
+          outputs.npz    # input, logits[, output_1...][, feat_0, feat_1, ...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+MINDCV_VERSION = "0.3.0"
+MINDSPORE_VERSION = "2.10.0"
+# must match FORMAT_VERSION in tools/mindcv_reference.py
+REF_FORMAT_VERSION = 2
+DEFAULT_SEED = 0
+DEFAULT_BATCH = 2
+
+REF_ROOT = Path(os.environ.get("FEATUREZOO_REF_CACHE") or Path.home() / ".cache" / "featurezoo" / "mindcv-ref")
+
+_HOW_TO = "run `make refs` (tools/mindcv_reference.py under the MindCV venv) to create it"
+
+
+def version_dir() -> Path:
+    return REF_ROOT / f"mindcv-{MINDCV_VERSION}-ms-{MINDSPORE_VERSION}"
+
+
+def reference_dir(model: str, size: int, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED) -> Path:
+    return version_dir() / f"{model}-{int(size)}px-b{int(batch)}-s{int(seed)}"
+
+
+@dataclass
+class Reference:
+    model: str
+    size: int
+    batch: int
+    dir: Path
+    meta: Dict[str, Any]
+    ckpt: Path
+    input: np.ndarray
+    logits: np.ndarray
+    # one array per MindCV feature_info entry; None if MindCV has no features_only
+    # for this model (or the feature run failed: see ``features_error``)
+    features: Optional[List[np.ndarray]] = None
+    # extra outputs if MindCV's eval forward returned a tuple (rare)
+    extra_outputs: List[np.ndarray] = field(default_factory=list)
+
+    @property
+    def features_error(self) -> Optional[str]:
+        return self.meta.get("features_error")
+
+    @property
+    def feature_info(self) -> Optional[List[Dict[str, Any]]]:
+        return self.meta.get("feature_info")
+
+    @property
+    def trainable_params(self) -> int:
+        return self.meta["trainable_params"]
+
+    @property
+    def param_shapes(self) -> Dict[str, List[int]]:
+        return self.meta["param_shapes"]
+
+
+def load_meta(model: str, size: int, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED) -> Dict[str, Any]:
+    """meta.json of a reference; FileNotFoundError if missing or of an old format."""
+    d = reference_dir(model, size, batch, seed)
+    meta_path = d / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"no MindCV reference for {model!r} ({size}px, batch {batch}) at {d}; {_HOW_TO}"
+        )
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != REF_FORMAT_VERSION:
+        raise FileNotFoundError(
+            f"MindCV reference at {d} has format_version {meta.get('format_version')!r}, "
+            f"expected {REF_FORMAT_VERSION}; stale cache: {_HOW_TO}"
+        )
+    return meta
+
+
+def reference_available(model: str, size: int, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED) -> bool:
+    try:
+        load_meta(model, size, batch, seed)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def load_reference(model: str, size: int, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED) -> Reference:
+    """Load a cached MindCV reference.
+
+    Raises FileNotFoundError (with a hint to run ``make refs``) if it is missing,
+    and RuntimeError carrying MindCV's error text if MindCV could not build/run
+    the model.
+    """
+    d = reference_dir(model, size, batch, seed)
+    meta = load_meta(model, size, batch, seed)
+    if meta.get("error"):
+        raise RuntimeError(
+            f"MindCV failed to produce a reference for {model!r} ({size}px) "
+            f"at stage {meta.get('error_stage')!r}: {meta['error']}"
+        )
+    npz_path, ckpt = d / "outputs.npz", d / "model.ckpt"
+    for p in (npz_path, ckpt):
+        if not p.is_file():
+            raise FileNotFoundError(f"MindCV reference at {d} is incomplete ({p.name} missing); {_HOW_TO}")
+    with np.load(npz_path) as z:
+        arrays = {k: z[k] for k in z.files}
+    features = None
+    n_feat = int(meta.get("num_features") or 0)
+    if n_feat:
+        features = [arrays[f"feat_{i}"] for i in range(n_feat)]
+    extra = [arrays[f"output_{i}"] for i in range(1, int(meta.get("num_outputs") or 1))]
+    return Reference(
+        model=model,
+        size=int(size),
+        batch=int(batch),
+        dir=d,
+        meta=meta,
+        ckpt=ckpt,
+        input=arrays["input"],
+        logits=arrays["logits"],
+        features=features,
+        extra_outputs=extra,
+    )

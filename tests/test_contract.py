@@ -1,0 +1,68 @@
+"""Contract tests over every built-in model: metadata is checked against reality."""
+import math
+
+import pytest
+import torch
+
+import featurezoo as fz
+from tests.reference import load_meta
+from tests.zoo import META_ONLY_PARAMS, parity_size, zoo_models
+
+MODELS = zoo_models()
+SIZES = (64, 67)  # one odd size: reductions must round up like the convs do
+
+
+def _num_params(model, trainable_only=True):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _is_huge(name):
+    with torch.device("meta"):
+        return _num_params(fz.create_model(name)) > META_ONLY_PARAMS
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_feature_shapes_match_feature_info(name):
+    device = "meta" if _is_huge(name) else "cpu"
+    with torch.device(device):
+        model = fz.create_model(name, features_only=True).eval()
+    info = model.feature_info
+    assert len(info) > 0
+    for size in SIZES:
+        with torch.no_grad():
+            outs = model(torch.randn(1, 3, size, size, device=device))
+        assert len(outs) == len(info)
+        for out, entry in zip(outs, info):
+            expected = (1, entry["chs"], math.ceil(size / entry["reduction"]), math.ceil(size / entry["reduction"]))
+            assert tuple(out.shape) == expected, f"{name} {entry['name']} at {size}px"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_parameter_count_equals_mindcv(name):
+    with torch.device("meta"):
+        model = fz.create_model(name)
+    assert _num_params(model) == load_meta(name, parity_size(name))["trainable_params"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_feature_info_readable_without_weights(name):
+    with torch.device("meta"):
+        full = fz.create_model(name)
+    info = fz.get_feature_info(name)
+    assert info == full.feature_info
+    assert all(p.is_meta for p in full.parameters())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_truncation_and_state_dict_keys(name):
+    with torch.device("meta"):
+        full = fz.create_model(name)
+        first = fz.create_model(name, features_only=True, out_indices=[0])
+        every = fz.create_model(name, features_only=True)
+    full_keys = set(full.state_dict())
+    # Kept modules keep the full model's names; nothing new appears.
+    assert set(first.state_dict()) <= set(every.state_dict()) < full_keys
+    # Asking only for the first level holds strictly fewer parameters.
+    assert _num_params(first, False) < _num_params(every, False) < _num_params(full, False)
+    heads = full.default_cfg.classifier_names
+    assert not any(k.startswith(tuple(h + "." for h in heads)) for k in every.state_dict())

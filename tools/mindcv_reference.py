@@ -1,0 +1,569 @@
+#!/usr/bin/env python
+"""Produce cached MindCV reference outputs for featurezoo's parity tests.
+
+This script runs ONLY under the MindCV venv (mindspore + mindcv + numpy); our
+PyTorch tests never import it -- they read its output through
+``tests/reference.py``.
+
+For every job ``{"model": NAME, "size": PX, "batch": B}`` it builds the MindCV
+model with a full 1000-class classifier, randomises all normalisation layers
+(so that BatchNorm/LayerNorm are not the identity), runs it in eval mode on a
+fixed random input and writes::
+
+    CACHE/mindcv-<mindcv ver>-ms-<mindspore ver>/<model>-<size>px-b<batch>-s<seed>/
+        meta.json     # always written last (directory is renamed into place)
+        model.ckpt    # mindspore.save_checkpoint of the randomised network
+        outputs.npz   # input, logits[, feat_0, feat_1, ...]
+
+A model that cannot be built/run gets a directory holding only ``meta.json``
+with ``error`` set, so tests can report the MindCV failure explicitly.
+
+Usage::
+
+    python tools/mindcv_reference.py --out CACHE --jobs jobs.json
+    python tools/mindcv_reference.py --out CACHE --model resnet50 --size 224
+    python tools/mindcv_reference.py --list-mindcv-models
+    python tools/mindcv_reference.py --param-counts counts.json --model vit_l_16_224 ...
+"""
+
+import argparse
+import gc
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("GLOG_v", "3")  # silence MindSpore's C++ INFO/WARNING logging
+
+import numpy as np  # noqa: E402
+
+import mindspore  # noqa: E402
+import mindspore.common.initializer as ms_init  # noqa: E402
+import mindcv  # noqa: E402
+from mindcv.models.features import FeatureExtractWrapper  # noqa: E402
+from mindcv.models import registry as mindcv_registry  # noqa: E402
+
+# Bump whenever the content/format of a reference changes: existing
+# references with another format_version are recomputed (and rejected by
+# tests/reference.py).
+FORMAT_VERSION = 2  # 2: layer-scale gammas randomised too
+DEFAULT_SEED = 0
+DEFAULT_BATCH = 2
+NUM_CLASSES = 1000
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def version_dir(out_root):
+    return Path(out_root) / f"mindcv-{mindcv.__version__}-ms-{mindspore.__version__}"
+
+
+def job_dirname(model, size, batch, seed):
+    return f"{model}-{size}px-b{batch}-s{seed}"
+
+
+def read_complete_meta(path):
+    """Return meta.json of a finished reference dir of the current format, else None."""
+    meta_path = Path(path) / "meta.json"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if meta.get("format_version") != FORMAT_VERSION:
+        return None
+    return meta
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _EagerInitializer:
+    """Make ``mindspore.common.initializer.initializer`` return materialised tensors.
+
+    Some MindCV models (rexnet) do ``initializer(...).reshape(...)`` which fails
+    on a lazy tensor; materialising immediately is harmless because we need all
+    data anyway.
+    """
+
+    def __enter__(self):
+        self._orig = ms_init.initializer
+        orig = self._orig
+
+        def eager_initializer(*args, **kwargs):
+            t = orig(*args, **kwargs)
+            if getattr(t, "init", None) is not None:
+                t = t.init_data()
+            return t
+
+        ms_init.initializer = eager_initializer
+        return self
+
+    def __exit__(self, *exc):
+        ms_init.initializer = self._orig
+        return False
+
+
+def seed_everything(seed):
+    mindspore.set_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def create_model(name, **kwargs):
+    with _EagerInitializer():
+        return mindcv.models.create_model(name, num_classes=NUM_CLASSES, **kwargs)
+
+
+def materialise(net):
+    for p in net.get_parameters():
+        if p.has_init:
+            p.init_data()
+
+
+def json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return repr(obj)
+
+
+def format_exception(e):
+    msg = str(e)
+    # MindSpore appends a long C++ call stack section; keep the useful part.
+    cut = msg.find("\n----------------------------------------------------\n- C++ Call Stack")
+    if cut >= 0:
+        msg = msg[:cut]
+    # ...and frames its messages with rows of dashes.
+    msg = "\n".join(line for line in msg.splitlines() if line.strip("- ")).strip()
+    if len(msg) > 4000:
+        msg = msg[:4000] + " ...[truncated]"
+    return f"{type(e).__name__}: {msg}"
+
+
+def default_cfg_for(name):
+    """MindCV's default_cfgs entry for ``name`` (from the model's module)."""
+    cfg = None
+    try:
+        fn = mindcv_registry.model_entrypoint(name)
+        mod = sys.modules[fn.__module__]
+        cfg = getattr(mod, "default_cfgs", {}).get(name)
+    except Exception:
+        cfg = None
+    if cfg is None:
+        cfg = mindcv_registry.get_pretrained_cfg(name) or None
+    return json_safe(dict(cfg)) if cfg is not None else None
+
+
+def _param(cell, attr):
+    p = getattr(cell, attr, None)
+    return p if isinstance(p, mindspore.Parameter) else None
+
+
+def _set(p, arr):
+    p.set_data(mindspore.Tensor(arr.astype(np.float32), dtype=p.dtype))
+
+
+def randomise_norms(net, rng):
+    """Randomise every BatchNorm (affine + running stats) and every other cell with
+    ``gamma``/``beta`` parameters (LayerNorm, GroupNorm, InstanceNorm, GRN...)."""
+    counts = {"batchnorm": 0, "affine_norm": 0}
+    classes = set()
+    for _, cell in net.cells_and_names():
+        mean, var = _param(cell, "moving_mean"), _param(cell, "moving_variance")
+        gamma, beta = _param(cell, "gamma"), _param(cell, "beta")
+        if mean is not None and var is not None:
+            if gamma is not None:
+                _set(gamma, rng.uniform(0.5, 1.5, gamma.shape))
+            if beta is not None:
+                _set(beta, rng.normal(0.0, 0.2, beta.shape))
+            _set(mean, rng.normal(0.0, 0.2, mean.shape))
+            _set(var, rng.uniform(0.5, 1.5, var.shape))
+            counts["batchnorm"] += 1
+            classes.add(type(cell).__name__)
+        elif gamma is not None and beta is not None:
+            _set(gamma, rng.uniform(0.5, 1.5, gamma.shape))
+            _set(beta, rng.normal(0.0, 0.2, beta.shape))
+            counts["affine_norm"] += 1
+            classes.add(type(cell).__name__)
+    # Layer scale (convnext/vit/cait/xcit `gamma`, `gamma_1`...) starts near 1e-6, which would hide
+    # whole residual branches from a parity check; give it values of order one.
+    norm_params = set()
+    for _, cell in net.cells_and_names():
+        if _param(cell, "beta") is not None or _param(cell, "moving_mean") is not None:
+            norm_params.update(id(p) for p in (_param(cell, "gamma"), _param(cell, "beta")) if p is not None)
+    counts["layer_scale"] = 0
+    for name, p in net.parameters_and_names():
+        if name.rsplit(".", 1)[-1].startswith("gamma") and id(p) not in norm_params:
+            _set(p, rng.uniform(0.2, 1.0, p.shape))
+            counts["layer_scale"] += 1
+    counts["classes"] = sorted(classes)
+    return counts
+
+
+def to_numpy_outputs(out):
+    if isinstance(out, (tuple, list)):
+        return [o.asnumpy() for o in out]
+    return [out.asnumpy()]
+
+
+def _module_mentions_features_only(name):
+    try:
+        import inspect
+
+        mod = sys.modules[mindcv_registry.model_entrypoint(name).__module__]
+        return "features_only" in inspect.getsource(mod)
+    except Exception:
+        return False
+
+
+def build_feature_extractor(name, net):
+    """Return (FeatureExtractWrapper sharing net's parameter values, feature_info) or (None, None)."""
+    if hasattr(net, "feature_info"):
+        fi = list(net.feature_info)
+        return FeatureExtractWrapper(net, out_indices=list(range(len(fi)))), fi
+    if not _module_mentions_features_only(name):
+        return None, None
+    # Models whose features_only variant is a different ("is_rewritten") class,
+    # e.g. hrnet -> HRNetFeatures.  Build it and copy the randomised values by name.
+    try:
+        fnet = create_model(name, features_only=True, out_indices=list(range(64)))
+    except RuntimeError as e:
+        if "is not implemented" in str(e):
+            return None, None
+        raise
+    inner = fnet.net if isinstance(fnet, FeatureExtractWrapper) else fnet
+    if not hasattr(inner, "feature_info"):
+        return None, None
+    fi = list(inner.feature_info)
+    wrapper = FeatureExtractWrapper(inner, out_indices=list(range(len(fi))))
+    src = {p.name: p for p in net.get_parameters()}
+    dst = list(wrapper.get_parameters())
+    dst_names = {p.name for p in dst}
+    missing = sorted(dst_names - set(src))
+    if missing:
+        raise RuntimeError(f"features_only net has parameters absent from the classifier net: {missing[:10]}")
+    for p in dst:
+        s = src[p.name]
+        if tuple(s.shape) != tuple(p.shape):
+            raise RuntimeError(f"shape mismatch for {p.name}: {tuple(s.shape)} vs {tuple(p.shape)}")
+        p.set_data(mindspore.Tensor(s.asnumpy(), dtype=s.dtype))
+    return wrapper, fi
+
+
+# --------------------------------------------------------------------------- one job
+
+
+def run_job(job, out_root, force=False):
+    """Compute one reference; returns (status, meta) with status in ok/error/cached."""
+    model, size, batch, seed = job["model"], int(job["size"]), int(job["batch"]), int(job["seed"])
+    vdir = version_dir(out_root)
+    dest = vdir / job_dirname(model, size, batch, seed)
+    if not force:
+        meta = read_complete_meta(dest)
+        if meta is not None:
+            return "cached", meta
+
+    vdir.mkdir(parents=True, exist_ok=True)
+    tmp = vdir / f".tmp-{dest.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": model,
+        "size": size,
+        "batch": batch,
+        "seed": seed,
+        "mindcv_version": mindcv.__version__,
+        "mindspore_version": mindspore.__version__,
+        "num_classes": NUM_CLASSES,
+        "default_cfg": default_cfg_for(model),
+        "trainable_params": None,
+        "total_params": None,
+        "param_shapes": None,
+        "feature_info": None,
+        "num_features": 0,
+        "features_error": None,
+        "num_outputs": None,
+        "randomised_norms": None,
+        "error": None,
+        "error_stage": None,
+    }
+    t0 = time.time()
+    stage = "create"
+    net = wrapper = None
+    try:
+        seed_everything(seed)
+        net = create_model(model)
+        materialise(net)
+        meta["param_shapes"] = {p.name: list(p.shape) for p in net.get_parameters()}
+        meta["trainable_params"] = int(sum(int(np.prod(p.shape)) for p in net.trainable_params()))
+        meta["total_params"] = int(sum(int(np.prod(p.shape)) for p in net.get_parameters()))
+        odd = {p.name: str(p.dtype) for p in net.get_parameters() if p.dtype != mindspore.float32}
+        if odd:
+            meta["non_float32_params"] = odd
+        meta["create_s"] = round(time.time() - t0, 3)
+
+        stage = "randomise"
+        meta["randomised_norms"] = randomise_norms(net, np.random.RandomState(seed + 1))
+        net.set_train(False)
+        x = np.random.RandomState(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
+
+        stage = "save_checkpoint"
+        mindspore.save_checkpoint(net, str(tmp / "model.ckpt"))
+        os.chmod(tmp / "model.ckpt", 0o644)  # MindSpore writes it 0o400
+
+        stage = "forward"
+        t1 = time.time()
+        outs = to_numpy_outputs(net(mindspore.Tensor(x)))
+        meta["forward_s"] = round(time.time() - t1, 3)
+        meta["num_outputs"] = len(outs)
+        arrays = {"input": x, "logits": outs[0]}
+        for i, o in enumerate(outs[1:], 1):
+            arrays[f"output_{i}"] = o
+        meta["logits_shape"] = list(outs[0].shape)
+
+        stage = "features"
+        try:
+            wrapper, fi = build_feature_extractor(model, net)
+            if wrapper is not None:
+                meta["feature_info"] = json_safe(fi)
+                wrapper.set_train(False)
+                feats = to_numpy_outputs(wrapper(mindspore.Tensor(x)))
+                for i, f in enumerate(feats):
+                    arrays[f"feat_{i}"] = f
+                meta["num_features"] = len(feats)
+                meta["feature_shapes"] = [list(f.shape) for f in feats]
+                if len(feats) != len(fi):
+                    meta["features_error"] = f"got {len(feats)} features for {len(fi)} feature_info entries"
+        except Exception as e:  # features failing must not lose the logits reference
+            meta["features_error"] = format_exception(e)
+            meta["features_traceback"] = traceback.format_exc(limit=8)[-4000:]
+            for k in [k for k in arrays if k.startswith("feat_")]:
+                del arrays[k]
+            meta["num_features"] = 0
+
+        stage = "save_outputs"
+        np.savez(tmp / "outputs.npz", **arrays)
+    except Exception as e:
+        meta["error"] = format_exception(e)
+        meta["error_stage"] = stage
+        meta["error_traceback"] = traceback.format_exc(limit=8)[-4000:]
+        for fname in ("model.ckpt", "outputs.npz"):
+            (tmp / fname).unlink(missing_ok=True)
+    finally:
+        del net, wrapper
+        gc.collect()
+
+    meta["elapsed_s"] = round(time.time() - t0, 3)
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, indent=1)
+
+    _install(tmp, dest)
+    return ("error" if meta["error"] else "ok"), meta
+
+
+def _install(tmp, dest):
+    """Atomically move tmp into place, replacing a stale/forced existing dir."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+        os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        # another process installed it concurrently: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_crash_meta(job, out_root, error):
+    model, size, batch, seed = job["model"], int(job["size"]), int(job["batch"]), int(job["seed"])
+    vdir = version_dir(out_root)
+    vdir.mkdir(parents=True, exist_ok=True)
+    dest = vdir / job_dirname(model, size, batch, seed)
+    tmp = vdir / f".tmp-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    meta = {
+        "format_version": FORMAT_VERSION, "model": model, "size": size, "batch": batch, "seed": seed,
+        "mindcv_version": mindcv.__version__, "mindspore_version": mindspore.__version__,
+        "num_classes": NUM_CLASSES, "default_cfg": default_cfg_for(model),
+        "trainable_params": None, "total_params": None, "param_shapes": None,
+        "feature_info": None, "num_features": 0, "features_error": None,
+        "error": error, "error_stage": "process",
+    }
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, indent=1)
+    _install(tmp, dest)
+    return meta
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def describe(status, meta, dt):
+    if status == "error":
+        return f"ERROR[{meta.get('error_stage')}] {str(meta.get('error'))[:300]}"
+    parts = [f"params={meta.get('trainable_params')}"]
+    if meta.get("logits_shape"):
+        parts.append(f"logits={tuple(meta['logits_shape'])}")
+    parts.append(f"feats={meta.get('num_features')}")
+    if meta.get("features_error"):
+        parts.append(f"FEATURES-ERROR {str(meta['features_error'])[:200]}")
+    return " ".join(parts)
+
+
+def load_jobs(args):
+    jobs = []
+    if args.jobs:
+        with open(args.jobs) as f:
+            raw = json.load(f)
+        for j in raw:
+            if isinstance(j, str):
+                j = {"model": j}
+            jobs.append(dict(j))
+    for name in args.model or []:
+        jobs.append({"model": name, "size": args.size, "batch": args.batch})
+    out = []
+    for j in jobs:
+        size = j.get("size")
+        if size is None:
+            cfg = default_cfg_for(j["model"]) or {}
+            size = (cfg.get("input_size") or [3, 224, 224])[-1]
+        out.append({
+            "model": j["model"],
+            "size": int(size),
+            "batch": int(j.get("batch") or args.batch),
+            "seed": int(j.get("seed", args.seed)),
+        })
+    return out
+
+
+def cmd_param_counts(args, jobs):
+    names = list(dict.fromkeys(j["model"] for j in jobs))
+    counts, errors = {}, {}
+    for i, name in enumerate(names, 1):
+        t0 = time.time()
+        try:
+            seed_everything(args.seed)
+            net = create_model(name)
+            counts[name] = int(sum(int(np.prod(p.shape)) for p in net.trainable_params()))
+            del net
+            msg = str(counts[name])
+        except Exception as e:
+            counts[name] = None
+            errors[name] = format_exception(e)
+            msg = "ERROR " + errors[name][:300]
+        gc.collect()
+        print(f"[{i}/{len(names)}] {name}: {msg} ({time.time() - t0:.1f}s)", flush=True)
+    Path(args.param_counts).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.param_counts, "w") as f:
+        json.dump(counts, f, indent=1, sort_keys=True)
+    return 1 if errors and args.strict else 0
+
+
+def run_isolated(job, args):
+    """Run one job in a child process so that a hard crash only loses that job."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--model", job["model"],
+           "--size", str(job["size"]), "--batch", str(job["batch"]), "--seed", str(job["seed"]),
+           "--quiet"]
+    if args.force:
+        cmd.append("--force")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        rc, tail = proc.returncode, (proc.stderr or "")[-2000:]
+    except subprocess.TimeoutExpired:
+        rc, tail = "timeout", f"timed out after {args.timeout}s"
+    dest = version_dir(args.out) / job_dirname(job["model"], job["size"], job["batch"], job["seed"])
+    meta = read_complete_meta(dest)
+    if meta is None:
+        meta = write_crash_meta(job, args.out, f"ProcessCrash: reference process exited with {rc}: {tail}")
+    return ("error" if meta.get("error") else "ok"), meta
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="reference cache root (e.g. ~/.cache/featurezoo/mindcv-ref)")
+    ap.add_argument("--jobs", help='JSON list of {"model": name, "size": int, "batch": int}')
+    ap.add_argument("--model", action="append", help="model name (repeatable); combined with --size/--batch")
+    ap.add_argument("--size", type=int, default=None, help="input size (default: MindCV default_cfg input_size)")
+    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    ap.add_argument("--force", action="store_true", help="recompute even if a complete reference exists")
+    ap.add_argument("--retry-errors", action="store_true", help="recompute references that recorded an error")
+    ap.add_argument("--isolate", action="store_true", help="run each job in its own process (crash-safe, slower)")
+    ap.add_argument("--timeout", type=float, default=None, help="per-job timeout in seconds with --isolate")
+    ap.add_argument("--strict", action="store_true", help="exit 1 if any job recorded an error")
+    ap.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--list-mindcv-models", action="store_true", help="print MindCV's registered model names as JSON")
+    ap.add_argument("--param-counts", metavar="OUT_JSON",
+                    help="write {name: trainable_params} for the given models (build only, no forward)")
+    args = ap.parse_args(argv)
+
+    mindspore.set_context(mode=mindspore.PYNATIVE_MODE)
+
+    if args.list_mindcv_models:
+        print(json.dumps(mindcv.models.list_models()))
+        return 0
+
+    jobs = load_jobs(args)
+    if not jobs:
+        ap.error("no jobs: give --jobs FILE or --model NAME")
+    if args.param_counts:
+        return cmd_param_counts(args, jobs)
+    if not args.out:
+        ap.error("--out is required")
+
+    n_err = n_ok = n_cached = 0
+    t_all = time.time()
+    for i, job in enumerate(jobs, 1):
+        t0 = time.time()
+        force = args.force
+        if not force and args.retry_errors:
+            m = read_complete_meta(version_dir(args.out) / job_dirname(job["model"], job["size"], job["batch"],
+                                                                        job["seed"]))
+            force = m is not None and bool(m.get("error"))
+        if args.isolate:
+            cached = None if force else read_complete_meta(
+                version_dir(args.out) / job_dirname(job["model"], job["size"], job["batch"], job["seed"]))
+            status, meta = ("cached", cached) if cached is not None else run_isolated(job, args)
+        else:
+            status, meta = run_job(job, args.out, force=force)
+        dt = time.time() - t0
+        if status == "cached":
+            n_cached += 1
+            if meta.get("error"):
+                n_err += 1
+        elif status == "error":
+            n_err += 1
+        else:
+            n_ok += 1
+        if not args.quiet:
+            print(f"[{i}/{len(jobs)}] {job['model']} {job['size']}px b{job['batch']} s{job['seed']}: "
+                  f"{status} {describe('error' if meta.get('error') else 'ok', meta, dt)} ({dt:.1f}s)", flush=True)
+    if not args.quiet:
+        print(f"done: {n_ok} computed, {n_cached} cached, {n_err} with errors, "
+              f"{time.time() - t_all:.1f}s -> {version_dir(args.out)}", flush=True)
+    return 1 if (args.strict and n_err) else 0
+
+
+if __name__ == "__main__":
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc or 0)  # skip MindSpore's noisy interpreter-exit destructors
