@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -43,10 +44,13 @@ def _read_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        blocked = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(e))
+        if not blocked:
+            raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint (corrupt pickle data)") from None
         raise CheckpointError(
             f"refused to load {str(path)!r}: it is a pickle that needs more than tensors and plain containers "
             f"(it may carry code), and featurezoo never runs code from a checkpoint. Re-save its state_dict "
-            f"(torch.save(model.state_dict(), ...)) or use safetensors. Detail: {str(e).splitlines()[0]}"
+            f"(torch.save(model.state_dict(), ...)) or use safetensors. It asks for {blocked.group(1) or blocked.group(2)}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .errors import CheckpointError
 from .io import PathLike, read_state_dict, unwrap_state_dict
-from .mapping import map_names
+from .mapping import candidate_names, map_names
 
 __all__ = ["LoadReport", "load_checkpoint", "adapt_input_conv"]
 
@@ -112,17 +112,21 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, A
     for key in mapping.unmatched:
         if _is_under(key, heads):
             report.skipped_head.append(key)
-        elif full_keys is not None and key in full_keys:
+        elif full_keys is not None and any(c in full_keys for c, _ in candidate_names(key, auto_mapping)):
             report.skipped_unused.append(key)
         else:
             report.unexpected.append(key)
     report.missing = [k for k in own if k not in to_load and k not in report.skipped_head
                       and not k.endswith("num_batches_tracked")]
-    if strict and (report.missing or report.unexpected):
+    # A backbone-only checkpoint (saved from a feature model) may fill a classifier: its head stays as built.
+    missing_body = [k for k in report.missing if not _is_under(k, heads)]
+    if len(missing_body) < len(report.missing):
+        _logger.warning("%s: %s has no classifier weights; the head keeps its initialisation", name, source)
+    if strict and (missing_body or report.unexpected):
         hint = "" if auto_mapping else "; if the names differ only by prefix or flattening, pass auto_mapping=True"
         raise CheckpointError(
-            f"{name}: {source} does not fit, nothing was loaded: {len(report.missing)} missing "
-            f"{report.missing[:8]}, {len(report.unexpected)} unexpected {report.unexpected[:8]}{hint}"
+            f"{name}: {source} does not fit, nothing was loaded: {len(missing_body)} missing "
+            f"{missing_body[:8]}, {len(report.unexpected)} unexpected {report.unexpected[:8]}{hint}"
         )
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)

@@ -14,7 +14,7 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["NameMapping", "map_names", "MINDSPORE_LEAVES", "flatten_name"]
+__all__ = ["NameMapping", "map_names", "candidate_names", "MINDSPORE_LEAVES", "flatten_name"]
 
 _logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _leaf_renamed(name: str) -> Optional[str]:
     return None
 
 
-def _candidates(name: str, auto_mapping: bool) -> List[Tuple[str, str]]:
+def candidate_names(name: str, auto_mapping: bool) -> List[Tuple[str, str]]:
     """Names a checkpoint key may stand for, with the rule that produced each."""
     out = [(name, "")]
     if auto_mapping:
@@ -114,7 +114,7 @@ def map_names(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Siz
             result.training_state.append(name)
             continue
         hit = None
-        for cand, rule in _candidates(name, auto_mapping):
+        for cand, rule in candidate_names(name, auto_mapping):
             if cand in target and cand not in taken:
                 hit = (cand, rule)
                 break

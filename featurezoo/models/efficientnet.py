@@ -1,0 +1,341 @@
+"""EfficientNet (B0-B7) and EfficientNetV2 (S/M/L/XL), with MindCV's module tree and parameter names.
+
+`EfficientNet: Rethinking Model Scaling for Convolutional Neural Networks <https://arxiv.org/abs/1905.11946>`_
+and `EfficientNetV2: Smaller Models and Faster Training <https://arxiv.org/abs/2104.00298>`_.
+
+MindCV details kept here:
+
+* Everything is one ``features`` sequence: stem conv/BN/Swish, one
+  ``nn.Sequential`` per stage, head 1x1 conv/BN/Swish; then ``avgpool``,
+  ``dropout`` and the classifier ``mlp_head``.
+* ``feature_info`` has one entry per stage (not per block), plus the stem's and
+  the head conv's activations, so two entries may share a reduction (e.g. B0's
+  ``features.2`` and ``features.3`` at 2). ``out_indices="pyramid"`` picks the
+  last of each, which at stride 32 is the 1x1 head conv (1280 channels for B0).
+* Every conv uses MindSpore's ``same`` padding: asymmetric for the stride-2
+  depthwise (MBConv) and full (FusedMBConv, stem) convs on even inputs.
+* BatchNorm is MindSpore's default (eps 1e-5, momentum 0.9 = PyTorch 0.1),
+  except for width multipliers >= 1.6 (B5, B6, B7): eps 1e-3, momentum 0.99
+  (= PyTorch 0.01). EfficientNetV2 keeps the default, unlike the TF original.
+* The squeeze-excite width is a quarter of the block's *input* channels
+  (not of the expanded ones); FusedMBConv has no squeeze-excite.
+* Stochastic depth grows linearly with the block index (``drop_path_prob``
+  times index / number of blocks), acts on residual blocks only, and is the
+  identity in eval.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..layers.activation import Swish
+from ..layers.drop_path import DropPath
+from ..layers.helpers import make_divisible
+from ..layers.padding import Conv2d
+from ..layers.pooling import GlobalAvgPooling
+from ..layers.squeeze_excite import SqueezeExcite
+from ..registry import register_model
+
+__all__ = ["EfficientNet", "MBConv", "FusedMBConv", "StageCfg"]
+
+NormLayer = Callable[[int], nn.Module]
+_CHANNEL_DIVISOR = 8
+# MindCV switches to TF-like BatchNorm settings from this width multiplier on (B5..B7).
+_WIDE_MODEL_WIDTH = 1.6
+
+
+@dataclass(frozen=True)
+class StageCfg:
+    """A stage of ``num_layers`` blocks; only the first has ``stride`` and ``in_chs`` input channels."""
+
+    fused: bool
+    expand_ratio: float
+    kernel_size: int
+    stride: int
+    in_chs: int
+    out_chs: int
+    num_layers: int
+
+    def scaled(self, width_mult: float, depth_mult: float) -> "StageCfg":
+        return replace(self, in_chs=make_divisible(self.in_chs * width_mult, _CHANNEL_DIVISOR),
+                       out_chs=make_divisible(self.out_chs * width_mult, _CHANNEL_DIVISOR),
+                       num_layers=int(math.ceil(self.num_layers * depth_mult)))
+
+
+def _expanded(in_chs: int, expand_ratio: float) -> int:
+    return make_divisible(in_chs * expand_ratio, _CHANNEL_DIVISOR)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: [1x1 expand] -> kxk depthwise -> squeeze-excite -> 1x1 project.
+
+    ``block`` holds the layers in MindCV's order; the expand conv/BN/Swish are
+    left out when ``expand_ratio`` keeps the width.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, expand_ratio: float, kernel_size: int, stride: int,
+                 drop_path_prob: float, norm: NormLayer):
+        super().__init__()
+        self.shortcut = stride == 1 and in_chs == out_chs
+        mid_chs = _expanded(in_chs, expand_ratio)
+        layers: List[nn.Module] = []
+        if mid_chs != in_chs:
+            layers += [Conv2d(in_chs, mid_chs, 1), norm(mid_chs), Swish()]
+        layers += [
+            Conv2d(mid_chs, mid_chs, kernel_size, stride, group=mid_chs), norm(mid_chs), Swish(),
+            SqueezeExcite(mid_chs, rd_channels=max(1, in_chs // 4), act_layer=Swish),
+            Conv2d(mid_chs, out_chs, 1), norm(out_chs),
+        ]
+        self.block = nn.Sequential(*layers)
+        self.dropout = DropPath(drop_path_prob)
+        self.out_channels = out_chs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return self.dropout(out) + x if self.shortcut else out
+
+
+class FusedMBConv(nn.Module):
+    """EfficientNetV2's fused block: kxk expand conv -> 1x1 project, or a single
+    kxk conv/BN/Swish when ``expand_ratio`` keeps the width."""
+
+    def __init__(self, in_chs: int, out_chs: int, expand_ratio: float, kernel_size: int, stride: int,
+                 drop_path_prob: float, norm: NormLayer):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"FusedMBConv: stride must be 1 or 2, got {stride!r}")
+        self.shortcut = stride == 1 and in_chs == out_chs
+        mid_chs = _expanded(in_chs, expand_ratio)
+        if mid_chs != in_chs:
+            layers: List[nn.Module] = [Conv2d(in_chs, mid_chs, kernel_size, stride), norm(mid_chs), Swish(),
+                                       Conv2d(mid_chs, out_chs, 1), norm(out_chs)]
+        else:
+            layers = [Conv2d(in_chs, out_chs, kernel_size, stride), norm(out_chs), Swish()]
+        self.block = nn.Sequential(*layers)
+        self.dropout = DropPath(drop_path_prob)
+        self.out_channels = out_chs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return self.dropout(out) + x if self.shortcut else out
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet / EfficientNetV2 classifier.
+
+    ``feature_info``: the stem's Swish (``features.2``), every stage
+    (``features.3`` ...), and the head conv's Swish (the last of ``features``).
+
+    Args:
+        stages: the unscaled stage table (``StageCfg`` per stage).
+        width_mult, depth_mult: compound scaling of channels and blocks per stage.
+        dropout_rate: dropout before the classifier.
+        head_chs: channels of the 1x1 head conv; ``None`` for 4x the last stage's.
+        num_classes, in_channels: classifier outputs, input channels.
+        drop_path_prob: stochastic depth rate of the deepest block.
+        norm_layer: normalisation class; ``None`` for MindCV's choice by width.
+
+    >>> m = EfficientNet(_B_STAGES)
+    >>> m(torch.randn(1, 3, 64, 64)).shape
+    torch.Size([1, 1000])
+    """
+
+    def __init__(self, stages: Sequence[StageCfg], width_mult: float = 1.0, depth_mult: float = 1.0,
+                 dropout_rate: float = 0.2, head_chs: Optional[int] = None, num_classes: int = 1000,
+                 in_channels: int = 3, drop_path_prob: float = 0.2, norm_layer: Optional[NormLayer] = None):
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+            if width_mult >= _WIDE_MODEL_WIDTH:
+                norm_layer = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
+        stages = [s.scaled(width_mult, depth_mult) for s in stages]
+
+        stem_chs = stages[0].in_chs
+        layers: List[nn.Module] = [Conv2d(in_channels, stem_chs, 3, 2), norm_layer(stem_chs), Swish()]
+        reduction = 2
+        self.feature_info = [dict(chs=stem_chs, reduction=reduction, name=f"features.{len(layers) - 1}")]
+
+        num_blocks = sum(s.num_layers for s in stages)
+        block_idx = 0
+        for s in stages:
+            block_cls = FusedMBConv if s.fused else MBConv
+            blocks: List[nn.Module] = []
+            for i in range(s.num_layers):
+                first = i == 0
+                blocks.append(block_cls(s.in_chs if first else s.out_chs, s.out_chs, s.expand_ratio, s.kernel_size,
+                                        s.stride if first else 1, drop_path_prob * block_idx / num_blocks,
+                                        norm_layer))
+                block_idx += 1
+            reduction *= s.stride
+            layers.append(nn.Sequential(*blocks))
+            self.feature_info.append(dict(chs=s.out_chs, reduction=reduction, name=f"features.{len(layers) - 1}"))
+
+        self.num_features = head_chs or 4 * stages[-1].out_chs
+        layers += [Conv2d(stages[-1].out_chs, self.num_features, 1), norm_layer(self.num_features), Swish()]
+        self.feature_info.append(dict(chs=self.num_features, reduction=reduction, name=f"features.{len(layers) - 1}"))
+        self.flatten_sequential = True
+
+        self.features = nn.Sequential(*layers)
+        self.avgpool = GlobalAvgPooling()
+        self.dropout = nn.Dropout(p=dropout_rate)
+        self.mlp_head = nn.Linear(self.num_features, num_classes)
+        self._initialize_weights()
+
+    def _initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                # MindCV bounds the uniform by 1/sqrt(weight.shape[0]), i.e. by the number of *outputs*.
+                bound = 1.0 / math.sqrt(m.weight.shape[0])
+                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                out_chs, _, kh, kw = m.weight.shape
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (out_chs * kh * kw)))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_head(self.dropout(self.avgpool(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_efficientnet(variant: str, pretrained: bool = False, **kwargs) -> EfficientNet:
+    return build_model_with_cfg(EfficientNet, pretrained, default_cfg=default_cfgs[variant], **kwargs)
+
+
+def _mb(expand_ratio: float, kernel_size: int, stride: int, in_chs: int, out_chs: int, num_layers: int) -> StageCfg:
+    return StageCfg(False, expand_ratio, kernel_size, stride, in_chs, out_chs, num_layers)
+
+
+def _fused(expand_ratio: float, kernel_size: int, stride: int, in_chs: int, out_chs: int,
+           num_layers: int) -> StageCfg:
+    return StageCfg(True, expand_ratio, kernel_size, stride, in_chs, out_chs, num_layers)
+
+
+# (expand_ratio, kernel, stride, in, out, blocks), before width/depth scaling.
+_B_STAGES = (
+    _mb(1, 3, 1, 32, 16, 1), _mb(6, 3, 2, 16, 24, 2), _mb(6, 5, 2, 24, 40, 2), _mb(6, 3, 2, 40, 80, 3),
+    _mb(6, 5, 1, 80, 112, 3), _mb(6, 5, 2, 112, 192, 4), _mb(6, 3, 1, 192, 320, 1),
+)
+_V2_S_STAGES = (
+    _fused(1, 3, 1, 24, 24, 2), _fused(4, 3, 2, 24, 48, 4), _fused(4, 3, 2, 48, 64, 4),
+    _mb(4, 3, 2, 64, 128, 6), _mb(6, 3, 1, 128, 160, 9), _mb(6, 3, 2, 160, 256, 15),
+)
+_V2_M_STAGES = (
+    _fused(1, 3, 1, 24, 24, 3), _fused(4, 3, 2, 24, 48, 5), _fused(4, 3, 2, 48, 80, 5),
+    _mb(4, 3, 2, 80, 160, 7), _mb(6, 3, 1, 160, 176, 14), _mb(6, 3, 2, 176, 304, 18), _mb(6, 3, 1, 304, 512, 5),
+)
+_V2_L_STAGES = (
+    _fused(1, 3, 1, 32, 32, 4), _fused(4, 3, 2, 32, 64, 7), _fused(4, 3, 2, 64, 96, 7),
+    _mb(4, 3, 2, 96, 192, 10), _mb(6, 3, 1, 192, 224, 19), _mb(6, 3, 2, 224, 384, 25), _mb(6, 3, 1, 384, 640, 7),
+)
+_V2_XL_STAGES = (
+    _fused(1, 3, 1, 32, 32, 4), _fused(4, 3, 2, 32, 64, 8), _fused(4, 3, 2, 64, 96, 8),
+    _mb(4, 3, 2, 96, 192, 16), _mb(6, 3, 1, 192, 256, 24), _mb(6, 3, 2, 256, 512, 32), _mb(6, 3, 1, 512, 640, 8),
+)
+_V2_HEAD_CHS = 1280
+
+
+def _cfg(url: str = "", **kwargs):
+    # MindCV names no first_conv (its commented-out one is not a module); ours is the stem conv.
+    return dict(url=url, num_classes=1000, first_conv="features.0", classifier="mlp_head", **kwargs)
+
+
+_MS = "https://download.mindspore.cn/toolkits/mindcv"
+default_cfgs = generate_default_cfgs({
+    "efficientnet_b0": _cfg(f"{_MS}/efficientnet/efficientnet_b0-103ec70c.ckpt"),
+    "efficientnet_b1": _cfg(f"{_MS}/efficientnet/efficientnet_b1-f8c6b13f.ckpt"),
+    "efficientnet_b2": _cfg(),
+    "efficientnet_b3": _cfg(),
+    "efficientnet_b4": _cfg(),
+    "efficientnet_b5": _cfg(),
+    "efficientnet_b6": _cfg(),
+    "efficientnet_b7": _cfg(),
+    "efficientnet_v2_s": _cfg(),
+    "efficientnet_v2_m": _cfg(),
+    "efficientnet_v2_l": _cfg(),
+    "efficientnet_v2_xl": _cfg(),
+})
+
+
+@register_model
+def efficientnet_b0(pretrained: bool = False, **kwargs) -> EfficientNet:
+    return _create_efficientnet("efficientnet_b0", pretrained, stages=_B_STAGES, width_mult=1.0, depth_mult=1.0,
+                                dropout_rate=0.2, **kwargs)
+
+
+@register_model
+def efficientnet_b1(pretrained: bool = False, **kwargs) -> EfficientNet:
+    return _create_efficientnet("efficientnet_b1", pretrained, stages=_B_STAGES, width_mult=1.0, depth_mult=1.1,
+                                dropout_rate=0.2, **kwargs)
+
+
+@register_model
+def efficientnet_b2(pretrained: bool = False, **kwargs) -> EfficientNet:
+    return _create_efficientnet("efficientnet_b2", pretrained, stages=_B_STAGES, width_mult=1.1, depth_mult=1.2,
+                                dropout_rate=0.3, **kwargs)
+
+
+@register_model
+def efficientnet_b3(pretrained: bool = False, **kwargs) -> EfficientNet:
+    return _create_efficientnet("efficientnet_b3", pretrained, stages=_B_STAGES, width_mult=1.2, depth_mult=1.4,
+                                dropout_rate=0.3, **kwargs)
+
+
+@register_model
+def efficientnet_b4(pretrained: bool = False, **kwargs) -> EfficientNet:
+    return _create_efficientnet("efficientnet_b4", pretrained, stages=_B_STAGES, width_mult=1.4, depth_mult=1.8,
+                                dropout_rate=0.4, **kwargs)
+
+
+@register_model
+def efficientnet_b5(pretrained: bool = False, **kwargs) -> EfficientNet:
+    return _create_efficientnet("efficientnet_b5", pretrained, stages=_B_STAGES, width_mult=1.6, depth_mult=2.2,
+                                dropout_rate=0.4, **kwargs)
+
+
+@register_model
+def efficientnet_b6(pretrained: bool = False, **kwargs) -> EfficientNet:
+    return _create_efficientnet("efficientnet_b6", pretrained, stages=_B_STAGES, width_mult=1.8, depth_mult=2.6,
+                                dropout_rate=0.5, **kwargs)
+
+
+@register_model
+def efficientnet_b7(pretrained: bool = False, **kwargs) -> EfficientNet:
+    return _create_efficientnet("efficientnet_b7", pretrained, stages=_B_STAGES, width_mult=2.0, depth_mult=3.1,
+                                dropout_rate=0.5, **kwargs)
+
+
+@register_model
+def efficientnet_v2_s(pretrained: bool = False, **kwargs) -> EfficientNet:
+    return _create_efficientnet("efficientnet_v2_s", pretrained, stages=_V2_S_STAGES, head_chs=_V2_HEAD_CHS,
+                                dropout_rate=0.2, **kwargs)
+
+
+@register_model
+def efficientnet_v2_m(pretrained: bool = False, **kwargs) -> EfficientNet:
+    return _create_efficientnet("efficientnet_v2_m", pretrained, stages=_V2_M_STAGES, head_chs=_V2_HEAD_CHS,
+                                dropout_rate=0.2, **kwargs)
+
+
+@register_model
+def efficientnet_v2_l(pretrained: bool = False, **kwargs) -> EfficientNet:
+    return _create_efficientnet("efficientnet_v2_l", pretrained, stages=_V2_L_STAGES, head_chs=_V2_HEAD_CHS,
+                                dropout_rate=0.2, **kwargs)
+
+
+@register_model
+def efficientnet_v2_xl(pretrained: bool = False, **kwargs) -> EfficientNet:
+    return _create_efficientnet("efficientnet_v2_xl", pretrained, stages=_V2_XL_STAGES, head_chs=_V2_HEAD_CHS,
+                                dropout_rate=0.2, **kwargs)

@@ -1,0 +1,275 @@
+"""MobileNetV2, with MindCV's module tree and parameter names.
+
+`MobileNetV2: Inverted Residuals and Linear Bottlenecks <https://arxiv.org/abs/1801.04381>`_.
+Everything up to the last 1x1 conv is one ``features`` sequence (stem
+conv/bn/ReLU6, one ``InvertedResidual`` per block, head conv/bn/ReLU6), so
+``feature_info`` has one entry per block as in MindCV and feature extraction
+needs no forward code. All convs pad symmetrically (MindCV uses ``pad_mode="pad"``
+throughout). The ``_192``/``_160``/... variants differ from the plain ones only
+in the resolution their (unpublished) weights were meant for.
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+import torch.nn as nn
+
+from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..layers import GlobalAvgPooling
+from ..layers.helpers import make_divisible
+from ..registry import register_model
+
+__all__ = ["MobileNetV2", "InvertedResidual"]
+
+# expansion t, output channels c, blocks n, stride of the first block s
+_SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand (if ``expand_ratio`` > 1), 3x3 depthwise, linear 1x1 project;
+    residual when the block keeps both stride and channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"InvertedResidual stride must be 1 or 2, got {stride}")
+        hidden_dim = round(in_channels * expand_ratio)
+        self.use_res_connect = stride == 1 and in_channels == out_channels
+
+        layers: List[nn.Module] = []
+        if expand_ratio != 1:
+            layers += [nn.Conv2d(in_channels, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim), nn.ReLU6()]
+        layers += [
+            nn.Conv2d(hidden_dim, hidden_dim, 3, stride, padding=1, groups=hidden_dim, bias=False),
+            nn.BatchNorm2d(hidden_dim),
+            nn.ReLU6(),
+            nn.Conv2d(hidden_dim, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        ]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_res_connect:
+            return x + self.layers(x)
+        return self.layers(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 classifier; ``feature_info``: the stem's ReLU6, every
+    ``InvertedResidual`` and the last 1x1 conv's ReLU6 (``features.*``).
+
+    Args:
+        alpha: width multiplier (the head widens only for ``alpha`` > 1).
+        round_nearest: channel counts are multiples of this.
+        in_channels, num_classes: input channels, classifier outputs.
+    """
+
+    def __init__(self, alpha: float = 1.0, round_nearest: int = 8, in_channels: int = 3, num_classes: int = 1000):
+        super().__init__()
+        input_channels = make_divisible(32 * alpha, round_nearest)
+        last_channels = make_divisible(1280 * max(1.0, alpha), round_nearest)
+
+        features: List[nn.Module] = [
+            nn.Conv2d(in_channels, input_channels, 3, 2, padding=1, bias=False),
+            nn.BatchNorm2d(input_channels),
+            nn.ReLU6(),
+        ]
+        reduction = 2
+        self.feature_info = [dict(chs=input_channels, reduction=reduction, name=f"features.{len(features) - 1}")]
+        self.flatten_sequential = True
+        for t, c, n, s in _SETTING:
+            out_channels = make_divisible(c * alpha, round_nearest)
+            for i in range(n):
+                stride = s if i == 0 else 1
+                features.append(InvertedResidual(input_channels, out_channels, stride, expand_ratio=t))
+                input_channels = out_channels
+                reduction *= stride
+                self.feature_info.append(dict(chs=out_channels, reduction=reduction,
+                                              name=f"features.{len(features) - 1}"))
+        features += [nn.Conv2d(input_channels, last_channels, 1, bias=False), nn.BatchNorm2d(last_channels),
+                     nn.ReLU6()]
+        self.feature_info.append(dict(chs=last_channels, reduction=reduction, name=f"features.{len(features) - 1}"))
+        self.features = nn.Sequential(*features)
+
+        self.pool = GlobalAvgPooling()
+        self.num_features = last_channels
+        self.classifier = nn.Sequential(nn.Dropout(p=0.2), nn.Linear(last_channels, num_classes))
+        self._initialize_weights()
+
+    def _initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_mobilenet_v2(variant: str, pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return build_model_with_cfg(MobileNetV2, pretrained, default_cfg=default_cfgs[variant], **kwargs)
+
+
+def _cfg(url: str = "", **kwargs):
+    return dict(url=url, num_classes=1000, first_conv="features.0", classifier="classifier.1", **kwargs)
+
+
+_MS = "https://download.mindspore.cn/toolkits/mindcv/mobilenet/mobilenetv2"
+default_cfgs = generate_default_cfgs({
+    "mobilenet_v2_140": _cfg(f"{_MS}/mobilenet_v2_140-98776171.ckpt"),
+    "mobilenet_v2_130_224": _cfg(),
+    "mobilenet_v2_100": _cfg(f"{_MS}/mobilenet_v2_100-d5532038.ckpt"),
+    "mobilenet_v2_100_192": _cfg(),
+    "mobilenet_v2_100_160": _cfg(),
+    "mobilenet_v2_100_128": _cfg(),
+    "mobilenet_v2_100_96": _cfg(),
+    "mobilenet_v2_075": _cfg(f"{_MS}/mobilenet_v2_075-bd7bd4c4.ckpt"),
+    "mobilenet_v2_075_192": _cfg(),
+    "mobilenet_v2_075_160": _cfg(),
+    "mobilenet_v2_075_128": _cfg(),
+    "mobilenet_v2_075_96": _cfg(),
+    "mobilenet_v2_050_224": _cfg(),
+    "mobilenet_v2_050_192": _cfg(),
+    "mobilenet_v2_050_160": _cfg(),
+    "mobilenet_v2_050_128": _cfg(),
+    "mobilenet_v2_050_96": _cfg(),
+    "mobilenet_v2_035_224": _cfg(),
+    "mobilenet_v2_035_192": _cfg(),
+    "mobilenet_v2_035_160": _cfg(),
+    "mobilenet_v2_035_128": _cfg(),
+    "mobilenet_v2_035_96": _cfg(),
+})
+
+
+@register_model
+def mobilenet_v2_140(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_140", pretrained, alpha=1.4, **kwargs)
+
+
+@register_model
+def mobilenet_v2_130_224(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_130_224", pretrained, alpha=1.3, **kwargs)
+
+
+@register_model
+def mobilenet_v2_100(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_100", pretrained, alpha=1.0, **kwargs)
+
+
+@register_model
+def mobilenet_v2_100_192(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_100_192", pretrained, alpha=1.0, **kwargs)
+
+
+@register_model
+def mobilenet_v2_100_160(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_100_160", pretrained, alpha=1.0, **kwargs)
+
+
+@register_model
+def mobilenet_v2_100_128(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_100_128", pretrained, alpha=1.0, **kwargs)
+
+
+@register_model
+def mobilenet_v2_100_96(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_100_96", pretrained, alpha=1.0, **kwargs)
+
+
+@register_model
+def mobilenet_v2_075(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_075", pretrained, alpha=0.75, **kwargs)
+
+
+@register_model
+def mobilenet_v2_075_192(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_075_192", pretrained, alpha=0.75, **kwargs)
+
+
+@register_model
+def mobilenet_v2_075_160(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_075_160", pretrained, alpha=0.75, **kwargs)
+
+
+@register_model
+def mobilenet_v2_075_128(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_075_128", pretrained, alpha=0.75, **kwargs)
+
+
+@register_model
+def mobilenet_v2_075_96(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_075_96", pretrained, alpha=0.75, **kwargs)
+
+
+@register_model
+def mobilenet_v2_050_224(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_050_224", pretrained, alpha=0.5, **kwargs)
+
+
+@register_model
+def mobilenet_v2_050_192(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_050_192", pretrained, alpha=0.5, **kwargs)
+
+
+@register_model
+def mobilenet_v2_050_160(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_050_160", pretrained, alpha=0.5, **kwargs)
+
+
+@register_model
+def mobilenet_v2_050_128(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_050_128", pretrained, alpha=0.5, **kwargs)
+
+
+@register_model
+def mobilenet_v2_050_96(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_050_96", pretrained, alpha=0.5, **kwargs)
+
+
+@register_model
+def mobilenet_v2_035_224(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_035_224", pretrained, alpha=0.35, **kwargs)
+
+
+@register_model
+def mobilenet_v2_035_192(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_035_192", pretrained, alpha=0.35, **kwargs)
+
+
+@register_model
+def mobilenet_v2_035_160(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_035_160", pretrained, alpha=0.35, **kwargs)
+
+
+@register_model
+def mobilenet_v2_035_128(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_035_128", pretrained, alpha=0.35, **kwargs)
+
+
+@register_model
+def mobilenet_v2_035_96(pretrained: bool = False, **kwargs) -> MobileNetV2:
+    return _create_mobilenet_v2("mobilenet_v2_035_96", pretrained, alpha=0.35, **kwargs)
