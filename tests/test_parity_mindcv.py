@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import featurezoo as fz
-from tests.reference import load_reference
-from tests.zoo import parity_size, zoo_models
+from tests.reference import load_meta, load_reference
+from tests.zoo import PARITY_EXCEPTIONS, parity_size, zoo_models
 
 RTOL = 1e-4
 
@@ -21,6 +21,10 @@ def assert_rel_close(ours: torch.Tensor, ref: np.ndarray, what: str):
 
 @pytest.mark.parametrize("name", zoo_models())
 def test_logits_and_features_match_mindcv(name):
+    if name in PARITY_EXCEPTIONS:
+        error = load_meta(name, parity_size(name)).get("error")
+        assert error, f"{name} is listed as one MindCV cannot run, but its reference ran: remove the exception"
+        return
     ref = load_reference(name, parity_size(name))
     x = torch.from_numpy(ref.input)
     model = fz.create_model(name, checkpoint_path=str(ref.ckpt)).eval()

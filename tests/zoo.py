@@ -14,6 +14,10 @@ import featurezoo as fz
 PARITY_SIZE = 64
 # MindCV models that need a larger input to run at all (their own constraints).
 PARITY_SIZE_OVERRIDES: Dict[str, int] = {}
+# Models MindCV cannot run on this machine: the parity test asserts that the
+# reference really records MindCV's failure (so nothing is skipped silently) and
+# the named test checks the model another way.
+PARITY_EXCEPTIONS: Dict[str, str] = {}
 # Models above this many parameters are shape-checked on the meta device only
 # (parity still runs them for real, once).
 META_ONLY_PARAMS = 150_000_000
