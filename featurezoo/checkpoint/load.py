@@ -62,27 +62,35 @@ def _is_under(key: str, modules: Tuple[str, ...]) -> bool:
     return any(key == m or key.startswith(m + ".") for m in modules)
 
 
+_SOURCES = ("auto", "featurezoo", "mindcv", "timm")
+
+
 def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, Any]], *, ema: bool = False,
-                    auto_mapping: bool = False, strict: bool = True) -> LoadReport:
+                    auto_mapping: bool = False, strict: bool = True, source: str = "auto") -> LoadReport:
     """Load a checkpoint (path or state dict) into ``model`` (full or feature model).
 
     * Names: MindSpore names map by fixed rules; ``auto_mapping=True`` also
       accepts prefixed and MindCV-flattened names and unique equal-shape pairs.
     * Head: a feature model ignores classifier weights; a classifier with a
       different ``num_classes`` keeps its own (reported as ``skipped_head``).
+    * ``source``: ``"timm"`` converts timm's names for models with a timm twin;
+      ``"auto"`` (default) does so when the names are timm's and not ours.
     * Errors (``CheckpointError``, model untouched): unreadable file, shape
       mismatch, and, when ``strict``, missing or unexpected names.
     """
+    if source not in _SOURCES:
+        raise ValueError(f"source={source!r}; valid: {list(_SOURCES)}")
     name, heads, first_conv, full_keys = _model_info(model)
-    source = f"checkpoint {str(checkpoint)!r}" if not isinstance(checkpoint, Mapping) else "state dict"
+    where = f"checkpoint {str(checkpoint)!r}" if not isinstance(checkpoint, Mapping) else "state dict"
     raw = checkpoint if isinstance(checkpoint, Mapping) else read_state_dict(checkpoint)
-    state = unwrap_state_dict(raw, ema=ema, source=source)
+    state = unwrap_state_dict(raw, ema=ema, source=where)
 
     own = model.state_dict()
     shapes = {k: v.shape for k, v in own.items()}
+    state, converted = _maybe_from_timm(name, state, shapes, source)
     mapping = map_names(state, shapes, ema=ema and not _has_ema_container(raw), auto_mapping=auto_mapping,
                         model_name=name)
-    report = LoadReport(remapped=mapping.remapped, ignored=mapping.training_state + mapping.ema_dropped)
+    report = LoadReport(remapped=converted + mapping.remapped, ignored=mapping.training_state + mapping.ema_dropped)
 
     to_load: Dict[str, torch.Tensor] = {}
     mismatched: List[str] = []
@@ -102,7 +110,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, A
             mismatched.append(f"{key}: checkpoint {list(tensor.shape)} vs model {list(want)}")
     if mismatched:
         raise CheckpointError(
-            f"{name}: {len(mismatched)} shape mismatch(es) loading {source}, nothing was loaded:\n  "
+            f"{name}: {len(mismatched)} shape mismatch(es) loading {where}, nothing was loaded:\n  "
             + "\n  ".join(mismatched[:20])
         )
     if report.skipped_head:
@@ -121,19 +129,41 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, A
     # A backbone-only checkpoint (saved from a feature model) may fill a classifier: its head stays as built.
     missing_body = [k for k in report.missing if not _is_under(k, heads)]
     if len(missing_body) < len(report.missing):
-        _logger.warning("%s: %s has no classifier weights; the head keeps its initialisation", name, source)
+        _logger.warning("%s: %s has no classifier weights; the head keeps its initialisation", name, where)
     if strict and (missing_body or report.unexpected):
         hint = "" if auto_mapping else "; if the names differ only by prefix or flattening, pass auto_mapping=True"
         raise CheckpointError(
-            f"{name}: {source} does not fit, nothing was loaded: {len(missing_body)} missing "
+            f"{name}: {where} does not fit, nothing was loaded: {len(missing_body)} missing "
             f"{missing_body[:8]}, {len(report.unexpected)} unexpected {report.unexpected[:8]}{hint}"
         )
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
-    _logger.info("%s: %s from %s", name, report, source)
+    _logger.info("%s: %s from %s", name, report, where)
     return report
 
 
 def _has_ema_container(raw: Any) -> bool:
     return isinstance(raw, Mapping) and any(k in raw for k in ("state_dict_ema", "model_ema", "ema_state_dict"))
 
+
+
+def _maybe_from_timm(name: str, state: Dict[str, torch.Tensor], shapes: Mapping[str, torch.Size],
+                     source: str) -> Tuple[Dict[str, torch.Tensor], List[Tuple[str, str, str]]]:
+    """Convert timm names when asked, or when they fit the model better than the names as given."""
+    if source not in ("timm", "auto"):
+        return state, []
+    from .timm import convert_from_timm, timm_twin
+
+    converted = convert_from_timm(name, state)
+    if converted is None:
+        if source == "timm":
+            raise CheckpointError(f"{name} has no timm twin; source='timm' is not available for it")
+        return state, []
+    if source == "auto":
+        fits = lambda sd: sum(1 for k in sd if k in shapes)  # noqa: E731
+        if fits(converted) <= fits(state):
+            return state, []
+    twin = timm_twin(name)
+    renamed = [(old, new, f"timm {twin}") for old, new in zip(state, converted) if old != new]
+    _logger.info("%s: converting timm %s names (%d renamed)", name, twin, len(renamed))
+    return converted, renamed

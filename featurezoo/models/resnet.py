@@ -166,6 +166,13 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# timm models with the same architecture and parameters (timm's stem pool pads symmetrically, so
+# at even pool-input sizes the pooling windows, and thus the numbers, differ from MindCV's).
+TIMM_TWINS = {n: n for n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                             "resnext101_32x4d", "resnext101_64x4d")}
+TIMM_RENAMES = ((r"\.downsample\.", ".down_sample."), (r"^fc\.", "classifier."))
+
+
 @register_model
 def resnet18(pretrained: bool = False, **kwargs) -> ResNet:
     return _create_resnet("resnet18", pretrained, block=BasicBlock, layers=(2, 2, 2, 2), **kwargs)

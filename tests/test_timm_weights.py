@@ -1,0 +1,61 @@
+"""timm weights load into featurezoo models with a timm twin: every tensor lands
+where timm had it, and where the computation is identical, so are the outputs."""
+import pytest
+import timm
+import torch
+
+import featurezoo as fz
+from featurezoo.checkpoint.timm import timm_twin
+from tests.zoo import zoo_models
+
+TWINS = [(n, timm_twin(n)) for n in zoo_models() if timm_twin(n)]
+# Input sizes at which our computation equals timm's exactly (MindSpore 'same' padding
+# is symmetric there); families not listed differ numerically at every size.
+IDENTICAL_AT = {"resnet": 65}
+
+
+def _randomised(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name, twin", TWINS)
+def test_every_timm_tensor_lands_where_timm_had_it(name, twin):
+    theirs = _randomised(timm.create_model(twin, pretrained=False))
+    ours = fz.create_model(name)
+    report = fz.load_checkpoint(ours, theirs.state_dict())  # detected as timm
+    assert not report.missing and not report.unexpected
+    assert any(rule.startswith("timm") for _, _, rule in report.remapped)
+    ours_sd = ours.state_dict()
+    # Identity check: each timm tensor is found, bit-exact, under exactly one of our names.
+    for tname, t in theirs.state_dict().items():
+        if tname.endswith("num_batches_tracked"):
+            continue
+        hits = [k for k, v in ours_sd.items() if v.shape == t.shape and torch.equal(v, t)]
+        assert hits, f"{twin}:{tname} not found in {name}"
+    size = IDENTICAL_AT.get(fz.registry.model_module(name))
+    if size:
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(ours.eval()(x), theirs(x), rtol=1e-4, atol=1e-4)
+
+
+def test_timm_source_for_feature_model_and_refusal():
+    theirs = _randomised(timm.create_model("resnet18", pretrained=False))
+    feat = fz.create_model("resnet18", features_only=True, out_indices=[1, 2, 3, 4])
+    fz.load_checkpoint(feat, theirs.state_dict(), source="timm")
+    ref = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3, 4))
+    ref.load_state_dict(theirs.state_dict(), strict=False)
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        for a, b in zip(feat.eval()(x), ref.eval()(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(fz.CheckpointError, match="no timm twin"):
+        fz.load_checkpoint(fz.create_model("resnext152_64x4d"), {"conv1.weight": torch.zeros(1)}, source="timm")
+    with pytest.raises(ValueError, match="source='tim'"):
+        fz.load_checkpoint(feat, theirs.state_dict(), source="tim")
