@@ -35,12 +35,13 @@ def cached_path(url: str) -> Path:
 def download(url: str, dest: Path, progress: bool = True) -> Path:
     """Fetch ``url`` to ``dest`` through a temporary file renamed into place.
 
-    If the file name carries a hex prefix of its SHA-256 (``name-1a2b3c4d.ckpt``,
-    timm's and torch.hub's convention) the download is checked against it.
+    If the file name carries a hex hash prefix (``name-1a2b3c4d.ckpt``) the
+    download is checked against it: SHA-256 (torch.hub's convention) or MD5
+    (which MindCV's downloader checks) must start with it.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    sha = hashlib.sha256()
+    sha, md5 = hashlib.sha256(), hashlib.md5()
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0)
@@ -51,15 +52,16 @@ def download(url: str, dest: Path, progress: bool = True) -> Path:
                     break
                 out.write(chunk)
                 sha.update(chunk)
+                md5.update(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
             if bar is not None:
                 bar.close()
         match = _HASH_IN_NAME.search(dest.name)
-        if match and not sha.hexdigest().startswith(match.group(1)):
+        if match and not any(h.hexdigest().startswith(match.group(1)) for h in (sha, md5)):
             raise CheckpointError(
-                f"download of {url} is corrupt: SHA-256 {sha.hexdigest()[:16]}... does not start with "
-                f"{match.group(1)} from its name"
+                f"download of {url} is corrupt: neither SHA-256 {sha.hexdigest()[:16]}... nor MD5 "
+                f"{md5.hexdigest()[:16]}... starts with {match.group(1)} from its name"
             )
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as e:
