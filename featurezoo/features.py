@@ -270,7 +270,9 @@ class FeatureExtractWrapper(nn.Module):
         name = model_name or getattr(getattr(model, "default_cfg", None), "name", "") or type(model).__name__
         if not hasattr(model, "feature_info"):
             raise ValueError(f"{name} does not support features_only: it registers no feature_info")
-        full_info = FeatureInfo(model.feature_info, name, module=model)
+        intermediates = callable(getattr(model, "forward_intermediates", None))
+        # Names are module paths, except for a model that computes its own features: there they are labels.
+        full_info = FeatureInfo(model.feature_info, name, module=None if intermediates else model)
         indices = normalize_out_indices(out_indices, full_info)
 
         self.model_name = name
@@ -282,7 +284,7 @@ class FeatureExtractWrapper(nn.Module):
         # Names of the complete model, so a loader can tell "pruned here" from "unknown".
         self.full_state_keys = frozenset(model.state_dict())
 
-        if callable(getattr(model, "forward_intermediates", None)):
+        if intermediates:
             self._mode = "intermediates"
             model.prune_intermediates(indices)
         elif getattr(model, "is_rewritten", False):

@@ -13,7 +13,14 @@ import featurezoo as fz
 
 PARITY_SIZE = 64
 # MindCV models that need a larger input to run at all (their own constraints).
-PARITY_SIZE_OVERRIDES: Dict[str, int] = {}
+PARITY_SIZE_OVERRIDES: Dict[str, int] = {
+    "inception_v3": 128,  # unpadded stride-2 layers: MindCV needs >= 75 px (64 px shrinks to 0x0)
+    "inception_v4": 128,  # unpadded stride-2 layers: MindCV needs >= 75 px (64 px shrinks to 0x0)
+}
+# MindCV's HRModule rounds every upsampled term to float16 before the fusion add; an
+# implementation not bit-identical to MindSpore's CPU kernels lands ~6 in 4096 values on
+# the other side of a float16 step, one float16 ulp (~1.4e-4 of max|ref|) on branch features.
+PARITY_RTOL_OVERRIDES: Dict[str, float] = {"hrnet_w32": 2e-4, "hrnet_w48": 2e-4}
 # Models MindCV cannot run on this machine: the parity test asserts that the
 # reference really records MindCV's failure (so nothing is skipped silently) and
 # the named test checks the model another way.

@@ -11,22 +11,23 @@ whose conversion needs more than renaming (splitting, reshaping) may define
 """
 from __future__ import annotations
 
-import importlib
 import re
+import sys
 from types import ModuleType
 from typing import Dict, Mapping, Optional
 
 import torch
 
-from ..registry import is_model, model_module
+from ..registry import is_model, model_entrypoint
 
 __all__ = ["timm_twin", "convert_from_timm", "family_module"]
 
 
 def family_module(model_name: str) -> Optional[ModuleType]:
+    """The module that registered ``model_name`` (where its timm declarations live)."""
     if not model_name or not is_model(model_name):
         return None
-    return importlib.import_module(f"featurezoo.models.{model_module(model_name)}")
+    return sys.modules.get(model_entrypoint(model_name).__module__)
 
 
 def timm_twin(model_name: str) -> Optional[str]:

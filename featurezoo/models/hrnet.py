@@ -17,7 +17,8 @@ code and stops as early as the requested outputs allow.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+import math
+from typing import Dict, List, Mapping, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,10 @@ def _conv_bn(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, relu:
     return nn.Sequential(*layers)
 
 
+def _total_stride(module: nn.Module) -> int:
+    return math.prod(m.stride[0] for m in module.modules() if isinstance(m, nn.Conv2d))
+
+
 def _make_layer(block: Block, in_chs: int, channels: int, num_blocks: int, stride: int = 1) -> nn.Sequential:
     out_chs = channels * block.expansion
     down_sample = None
@@ -66,10 +71,14 @@ class HRModule(nn.Module):
     3x3 convs when ``j < i``, identity when ``j == i``. The module outputs one
     map per entry of ``fuse_layers``: a feature model that needs fewer branches
     out of the last module shortens that list (see :meth:`HRNet.prune_intermediates`).
+
+    ``fp16_upsample``: MindCV casts each upsampled term to float16 before adding
+    it (``HRModule.construct``), so its outputs move in float16 steps; ``True``
+    reproduces its numbers, ``False`` adds in full precision (the paper, timm).
     """
 
     def __init__(self, num_branches: int, block: Block, num_blocks: Sequence[int], num_inchannels: Sequence[int],
-                 num_channels: Sequence[int], multi_scale_output: bool = True):
+                 num_channels: Sequence[int], multi_scale_output: bool = True, fp16_upsample: bool = True):
         super().__init__()
         for what, values in (("num_blocks", num_blocks), ("num_inchannels", num_inchannels),
                              ("num_channels", num_channels)):
@@ -77,6 +86,7 @@ class HRModule(nn.Module):
                 raise ValueError(f"HRModule: {num_branches} branches but {what} has {len(values)} entries: {values}")
         self.num_branches = num_branches
         self.multi_scale_output = multi_scale_output
+        self.fp16_upsample = fp16_upsample
         self.branches = nn.ModuleList(
             _make_layer(block, num_inchannels[i], num_channels[i], num_blocks[i]) for i in range(num_branches)
         )
@@ -115,7 +125,10 @@ class HRModule(nn.Module):
                 if j == i:
                     y = y + x[j]
                 elif j > i:
-                    y = y + F.interpolate(fuse[j](x[j]), size=x[i].shape[-2:], mode="nearest")
+                    up = F.interpolate(fuse[j](x[j]), size=x[i].shape[-2:], mode="nearest")
+                    if self.fp16_upsample:
+                        up = up.to(torch.float16).to(y.dtype)
+                    y = y + up
                 else:
                     y = y + fuse[j](x[j])
             out.append(self.relu(y))
@@ -131,6 +144,8 @@ class HRNet(nn.Module):
             ``"BOTTLENECK"``), ``num_blocks`` and ``num_channels`` (one per
             branch), as in MindCV.
         num_classes, in_channels: classifier outputs, input channels.
+        fp16_upsample: round upsampled terms of the fusions to float16 as MindCV
+            does (see :class:`HRModule`); ``False`` for full precision.
 
     Feature entries (MindCV's labels): ``stem`` (stride 2, before ``conv2``)
     and ``stage1``..``stage4``, the final branch ``k - 1`` after
@@ -142,9 +157,11 @@ class HRNet(nn.Module):
 
     blocks_dict = BLOCKS
 
-    def __init__(self, stage_cfg: Mapping[str, Mapping], num_classes: int = 1000, in_channels: int = 3):
+    def __init__(self, stage_cfg: Mapping[str, Mapping], num_classes: int = 1000, in_channels: int = 3,
+                 fp16_upsample: bool = True):
         super().__init__()
         self.stage_cfg = stage_cfg
+        self.fp16_upsample = fp16_upsample
         stem_chs = 64
         self.conv1 = nn.Conv2d(in_channels, stem_chs, 3, 2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_chs)
@@ -166,7 +183,8 @@ class HRNet(nn.Module):
             expansion = BLOCKS[cfg["block"]].expansion
             num_channels = [c * expansion for c in cfg["num_channels"]]
             transition, flags = self._make_transition_layer(pre_stage_channels, num_channels)
-            reductions += [reductions[-1] * 2 for _ in range(len(num_channels) - len(reductions))]
+            # New branches grow from the coarsest existing one.
+            reductions += [reductions[-1] * _total_stride(transition[i]) for i in range(len(reductions), len(flags))]
             self.add_module(f"transition{s - 1}", transition)
             setattr(self, f"transition{s - 1}_flags", flags)
             stage, pre_stage_channels = self._make_stage(cfg, num_channels)
@@ -204,12 +222,11 @@ class HRNet(nn.Module):
                 flags.append(True)
         return layers, flags
 
-    @staticmethod
-    def _make_stage(cfg: Mapping, num_inchannels: List[int]) -> Tuple[nn.Sequential, List[int]]:
+    def _make_stage(self, cfg: Mapping, num_inchannels: List[int]) -> Tuple[nn.Sequential, List[int]]:
         modules = []
         for _ in range(cfg["num_modules"]):
             modules.append(HRModule(cfg["num_branches"], BLOCKS[cfg["block"]], cfg["num_blocks"],
-                                    num_inchannels, cfg["num_channels"]))
+                                    num_inchannels, cfg["num_channels"], fp16_upsample=self.fp16_upsample))
             num_inchannels = modules[-1].num_inchannels
         return nn.Sequential(*modules), num_inchannels
 
@@ -273,13 +290,6 @@ class HRNet(nn.Module):
     # wants every label to resolve to one. These read-only aliases are not registered, so named_modules()
     # and state_dict() stay MindCV's: "stem" is the stem as a module (its output is the "stem" feature),
     # "stage1" is HRNet's first stage, which creates branch 0, as "stage2".."stage4" create branches 1..3.
-    @property
-    def stem(self) -> nn.Sequential:
-        return nn.Sequential(self.conv1, self.bn1, self.relu)
-
-    @property
-    def stage1(self) -> nn.Module:
-        return self.layer1
 
 
 def _stage_cfg(width: int) -> Dict[str, Dict]:
