@@ -37,8 +37,10 @@ def version_dir() -> Path:
     return REF_ROOT / f"mindcv-{MINDCV_VERSION}-ms-{MINDSPORE_VERSION}"
 
 
-def reference_dir(model: str, size: int, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED) -> Path:
-    return version_dir() / f"{model}-{int(size)}px-b{int(batch)}-s{int(seed)}"
+def reference_dir(model: str, size: int, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED,
+                  bn: str = "random") -> Path:
+    suffix = "-bncal" if bn == "calibrated" else ""
+    return version_dir() / f"{model}-{int(size)}px-b{int(batch)}-s{int(seed)}{suffix}"
 
 
 @dataclass
@@ -74,9 +76,10 @@ class Reference:
         return self.meta["param_shapes"]
 
 
-def load_meta(model: str, size: int, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED) -> Dict[str, Any]:
+def load_meta(model: str, size: int, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED,
+              bn: str = "random") -> Dict[str, Any]:
     """meta.json of a reference; FileNotFoundError if missing or of an old format."""
-    d = reference_dir(model, size, batch, seed)
+    d = reference_dir(model, size, batch, seed, bn)
     meta_path = d / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(
@@ -100,15 +103,16 @@ def reference_available(model: str, size: int, batch: int = DEFAULT_BATCH, seed:
     return True
 
 
-def load_reference(model: str, size: int, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED) -> Reference:
+def load_reference(model: str, size: int, batch: int = DEFAULT_BATCH, seed: int = DEFAULT_SEED,
+                   bn: str = "random") -> Reference:
     """Load a cached MindCV reference.
 
     Raises FileNotFoundError (with a hint to run ``make refs``) if it is missing,
     and RuntimeError carrying MindCV's error text if MindCV could not build/run
     the model.
     """
-    d = reference_dir(model, size, batch, seed)
-    meta = load_meta(model, size, batch, seed)
+    d = reference_dir(model, size, batch, seed, bn)
+    meta = load_meta(model, size, batch, seed, bn)
     if meta.get("error"):
         raise RuntimeError(
             f"MindCV failed to produce a reference for {model!r} ({size}px) "

@@ -6,7 +6,7 @@ import torch
 
 import featurezoo as fz
 from tests.reference import load_meta
-from tests.zoo import META_ONLY_PARAMS, parity_size, zoo_models
+from tests.zoo import META_ONLY_PARAMS, VALID_PADDED, VALID_PADDED_SIZES, ref_args, zoo_models
 
 MODELS = zoo_models()
 SIZES = (64, 67)  # one odd size: reductions must round up like the convs do
@@ -21,6 +21,11 @@ def _is_huge(name):
         return _num_params(fz.create_model(name)) > META_ONLY_PARAMS
 
 
+def _feature_shapes(model, size, device):
+    with torch.no_grad():
+        return [tuple(o.shape) for o in model(torch.randn(1, 3, size, size, device=device))]
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_feature_shapes_match_feature_info(name):
     device = "meta" if _is_huge(name) else "cpu"
@@ -28,20 +33,27 @@ def test_feature_shapes_match_feature_info(name):
         model = fz.create_model(name, features_only=True).eval()
     info = model.feature_info
     assert len(info) > 0
+    if name in VALID_PADDED:
+        small, large = VALID_PADDED_SIZES
+        for a, b, entry in zip(_feature_shapes(model, small, device), _feature_shapes(model, large, device), info):
+            r = entry["reduction"]
+            assert a[1] == b[1] == entry["chs"], f"{name} {entry['name']} channels"
+            assert b[2] - a[2] == b[3] - a[3] == (large - small) // r, f"{name} {entry['name']}: stride is not {r}"
+            assert a[2] <= math.ceil(small / r), f"{name} {entry['name']} larger than ceil(size / reduction)"
+        return
     for size in SIZES:
-        with torch.no_grad():
-            outs = model(torch.randn(1, 3, size, size, device=device))
-        assert len(outs) == len(info)
-        for out, entry in zip(outs, info):
+        shapes = _feature_shapes(model, size, device)
+        assert len(shapes) == len(info)
+        for shape, entry in zip(shapes, info):
             expected = (1, entry["chs"], math.ceil(size / entry["reduction"]), math.ceil(size / entry["reduction"]))
-            assert tuple(out.shape) == expected, f"{name} {entry['name']} at {size}px"
+            assert shape == expected, f"{name} {entry['name']} at {size}px"
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_parameter_count_equals_mindcv(name):
     with torch.device("meta"):
         model = fz.create_model(name)
-    assert _num_params(model) == load_meta(name, parity_size(name))["trainable_params"]
+    assert _num_params(model) == load_meta(name, **ref_args(name))["trainable_params"]
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -6,7 +6,7 @@ import torch
 
 import featurezoo as fz
 from tests.reference import load_meta, load_reference
-from tests.zoo import PARITY_EXCEPTIONS, PARITY_RTOL_OVERRIDES, parity_size, zoo_models
+from tests.zoo import PARITY_EXCEPTIONS, PARITY_RTOL_OVERRIDES, ref_args, zoo_models
 
 RTOL = 1e-4
 
@@ -22,10 +22,10 @@ def assert_rel_close(ours: torch.Tensor, ref: np.ndarray, what: str, rtol: float
 @pytest.mark.parametrize("name", zoo_models())
 def test_logits_and_features_match_mindcv(name):
     if name in PARITY_EXCEPTIONS:
-        error = load_meta(name, parity_size(name)).get("error")
+        error = load_meta(name, **ref_args(name)).get("error")
         assert error, f"{name} is listed as one MindCV cannot run, but its reference ran: remove the exception"
         return
-    ref = load_reference(name, parity_size(name))
+    ref = load_reference(name, **ref_args(name))
     x = torch.from_numpy(ref.input)
     model = fz.create_model(name, checkpoint_path=str(ref.ckpt)).eval()
     with torch.no_grad():

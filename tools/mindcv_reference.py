@@ -64,8 +64,14 @@ def version_dir(out_root):
     return Path(out_root) / f"mindcv-{mindcv.__version__}-ms-{mindspore.__version__}"
 
 
-def job_dirname(model, size, batch, seed):
-    return f"{model}-{size}px-b{batch}-s{seed}"
+def job_dirname(model, size, batch, seed, bn="random"):
+    # "calibrated" BN statistics get their own reference (see calibrate_batchnorm).
+    return f"{model}-{size}px-b{batch}-s{seed}" + ("-bncal" if bn == "calibrated" else "")
+
+
+def job_dir(out_root, job):
+    return version_dir(out_root) / job_dirname(job["model"], int(job["size"]), int(job["batch"]), int(job["seed"]),
+                                               job.get("bn", "random"))
 
 
 def read_complete_meta(path):
@@ -212,6 +218,25 @@ def randomise_norms(net, rng):
     return counts
 
 
+def calibrate_batchnorm(net, x):
+    """Set every BatchNorm's moving statistics to the batch statistics of one
+    training-mode pass on ``x``. Random statistics make activations grow through
+    very deep residual stacks (resnest269 reaches logits ~1e7, where float32
+    rounding alone exceeds the parity tolerance); calibrated ones keep each
+    normalisation near unit scale while still not being the identity."""
+    count = 0
+    for _, cell in net.cells_and_names():
+        if hasattr(cell, "bn_train") and hasattr(cell, "moving_mean"):
+            # MindSpore's op keeps (1 - momentum) of the old statistic; momentum 1 keeps only the batch's.
+            cell.bn_train = mindspore.ops.BatchNorm(is_training=True, epsilon=cell.eps, momentum=1.0,
+                                                    data_format=cell.format)
+            count += 1
+    net.set_train(True)
+    net(mindspore.Tensor(x))
+    net.set_train(False)
+    return count
+
+
 def to_numpy_outputs(out):
     if isinstance(out, (tuple, list)):
         return [o.asnumpy() for o in out]
@@ -269,7 +294,7 @@ def run_job(job, out_root, force=False):
     """Compute one reference; returns (status, meta) with status in ok/error/cached."""
     model, size, batch, seed = job["model"], int(job["size"]), int(job["batch"]), int(job["seed"])
     vdir = version_dir(out_root)
-    dest = vdir / job_dirname(model, size, batch, seed)
+    dest = job_dir(out_root, job)
     if not force:
         meta = read_complete_meta(dest)
         if meta is not None:
@@ -319,8 +344,13 @@ def run_job(job, out_root, force=False):
 
         stage = "randomise"
         meta["randomised_norms"] = randomise_norms(net, np.random.RandomState(seed + 1))
-        net.set_train(False)
         x = np.random.RandomState(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
+        meta["bn"] = job.get("bn", "random")
+        if meta["bn"] == "calibrated":
+            stage = "calibrate"
+            calib = np.random.RandomState(seed + 2).standard_normal((batch, 3, size, size)).astype(np.float32)
+            meta["calibrated_bn"] = calibrate_batchnorm(net, calib)
+        net.set_train(False)
 
         stage = "save_checkpoint"
         mindspore.save_checkpoint(net, str(tmp / "model.ckpt"))
@@ -395,7 +425,7 @@ def write_crash_meta(job, out_root, error):
     model, size, batch, seed = job["model"], int(job["size"]), int(job["batch"]), int(job["seed"])
     vdir = version_dir(out_root)
     vdir.mkdir(parents=True, exist_ok=True)
-    dest = vdir / job_dirname(model, size, batch, seed)
+    dest = job_dir(out_root, job)
     tmp = vdir / f".tmp-{dest.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -438,7 +468,7 @@ def load_jobs(args):
                 j = {"model": j}
             jobs.append(dict(j))
     for name in args.model or []:
-        jobs.append({"model": name, "size": args.size, "batch": args.batch})
+        jobs.append({"model": name, "size": args.size, "batch": args.batch, "bn": args.bn})
     out = []
     for j in jobs:
         size = j.get("size")
@@ -450,6 +480,7 @@ def load_jobs(args):
             "size": int(size),
             "batch": int(j.get("batch") or args.batch),
             "seed": int(j.get("seed", args.seed)),
+            "bn": j.get("bn", "random"),
         })
     return out
 
@@ -481,6 +512,7 @@ def run_isolated(job, args):
     """Run one job in a child process so that a hard crash only loses that job."""
     cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--model", job["model"],
            "--size", str(job["size"]), "--batch", str(job["batch"]), "--seed", str(job["seed"]),
+           "--bn", job.get("bn", "random"),
            "--quiet"]
     if args.force:
         cmd.append("--force")
@@ -489,7 +521,7 @@ def run_isolated(job, args):
         rc, tail = proc.returncode, (proc.stderr or "")[-2000:]
     except subprocess.TimeoutExpired:
         rc, tail = "timeout", f"timed out after {args.timeout}s"
-    dest = version_dir(args.out) / job_dirname(job["model"], job["size"], job["batch"], job["seed"])
+    dest = job_dir(args.out, job)
     meta = read_complete_meta(dest)
     if meta is None:
         meta = write_crash_meta(job, args.out, f"ProcessCrash: reference process exited with {rc}: {tail}")
@@ -506,6 +538,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--force", action="store_true", help="recompute even if a complete reference exists")
     ap.add_argument("--retry-errors", action="store_true", help="recompute references that recorded an error")
+    ap.add_argument("--bn", default="random", choices=["random", "calibrated"],
+                    help="BatchNorm statistics: random, or calibrated on a batch (very deep models)")
     ap.add_argument("--isolate", action="store_true", help="run each job in its own process (crash-safe, slower)")
     ap.add_argument("--timeout", type=float, default=None, help="per-job timeout in seconds with --isolate")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any job recorded an error")
@@ -535,12 +569,11 @@ def main(argv=None):
         t0 = time.time()
         force = args.force
         if not force and args.retry_errors:
-            m = read_complete_meta(version_dir(args.out) / job_dirname(job["model"], job["size"], job["batch"],
-                                                                        job["seed"]))
+            m = read_complete_meta(job_dir(args.out, job))
             force = m is not None and bool(m.get("error"))
         if args.isolate:
             cached = None if force else read_complete_meta(
-                version_dir(args.out) / job_dirname(job["model"], job["size"], job["batch"], job["seed"]))
+                job_dir(args.out, job))
             status, meta = ("cached", cached) if cached is not None else run_isolated(job, args)
         else:
             status, meta = run_job(job, args.out, force=force)

@@ -1,0 +1,176 @@
+"""MnasNet (B1), with MindCV's module tree and parameter names.
+
+`MnasNet: Platform-Aware Neural Architecture Search for Mobile <https://arxiv.org/abs/1807.11626>`_.
+Stem (conv/bn/ReLU, depthwise conv/bn/ReLU, linear 1x1 conv/bn), one
+``InvertedResidual`` per block and the head's 1x1 conv to 1280/bn/ReLU form one
+``features`` sequence; convs pad symmetrically (MindCV's ``pad_mode="pad"``).
+BatchNorm uses eps 1e-3 and MindSpore momentum 0.99 (PyTorch 0.01) throughout.
+MindCV has no ``feature_info`` here; ours is the last layer at each reduction,
+which at stride 32 is the head's 1280-channel ReLU (``features`` ends there).
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..layers import GlobalAvgPooling
+from ..layers.feature_levels import note_feature
+from ..layers.helpers import make_divisible
+from ..registry import register_model
+
+__all__ = ["Mnasnet", "InvertedResidual"]
+
+# expansion t, output channels c, blocks n, stride of the first block s, kernel size k
+_SETTING = (
+    (3, 24, 3, 2, 3),
+    (3, 40, 3, 2, 5),
+    (6, 80, 3, 2, 5),
+    (6, 96, 2, 1, 3),
+    (6, 192, 4, 2, 5),
+    (6, 320, 1, 1, 3),
+)
+_HEAD_CHANNELS = 1280
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand, kxk depthwise, linear 1x1 project; residual when the block
+    keeps both stride and channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, kernel_size: int, expand_ratio: int):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"InvertedResidual stride must be 1 or 2, got {stride}")
+        hidden_dim = round(in_channels * expand_ratio)
+        self.use_res_connect = stride == 1 and in_channels == out_channels
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_channels, hidden_dim, 1, bias=False),
+            _bn(hidden_dim),
+            nn.ReLU(),
+            nn.Conv2d(hidden_dim, hidden_dim, kernel_size, stride, padding=kernel_size // 2, groups=hidden_dim,
+                      bias=False),
+            _bn(hidden_dim),
+            nn.ReLU(),
+            nn.Conv2d(hidden_dim, out_channels, 1, bias=False),
+            _bn(out_channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_res_connect:
+            return self.layers(x) + x
+        return self.layers(x)
+
+
+class Mnasnet(nn.Module):
+    """MnasNet classifier; ``feature_info``: the last layer at each reduction (``features.*``).
+
+    Args:
+        alpha: width multiplier (channels rounded to multiples of 8; the head stays 1280).
+        in_channels, num_classes: input channels, classifier outputs.
+        drop_rate: dropout before the classifier.
+    """
+
+    def __init__(self, alpha: float, in_channels: int = 3, num_classes: int = 1000, drop_rate: float = 0.2):
+        super().__init__()
+        mid_channels = make_divisible(32 * alpha, 8)
+        input_channels = make_divisible(16 * alpha, 8)
+        features: List[nn.Module] = [
+            nn.Conv2d(in_channels, mid_channels, 3, 2, padding=1, bias=False),
+            _bn(mid_channels),
+            nn.ReLU(),
+            nn.Conv2d(mid_channels, mid_channels, 3, 1, padding=1, groups=mid_channels, bias=False),
+            _bn(mid_channels),
+            nn.ReLU(),
+            nn.Conv2d(mid_channels, input_channels, 1, bias=False),
+            _bn(input_channels),
+        ]
+        reduction = 2
+        self.feature_info: List[Dict] = []
+        note_feature(self.feature_info, input_channels, reduction, f"features.{len(features) - 1}")
+        for t, c, n, s, k in _SETTING:
+            output_channels = make_divisible(c * alpha, 8)
+            for i in range(n):
+                stride = s if i == 0 else 1
+                features.append(InvertedResidual(input_channels, output_channels, stride, k, expand_ratio=t))
+                input_channels = output_channels
+                reduction *= stride
+                note_feature(self.feature_info, output_channels, reduction, f"features.{len(features) - 1}")
+        features += [nn.Conv2d(input_channels, _HEAD_CHANNELS, 1, bias=False), _bn(_HEAD_CHANNELS), nn.ReLU()]
+        note_feature(self.feature_info, _HEAD_CHANNELS, reduction, f"features.{len(features) - 1}")
+        self.features = nn.Sequential(*features)
+        self.flatten_sequential = True
+
+        self.pool = GlobalAvgPooling()
+        self.dropout = nn.Dropout(p=drop_rate)
+        self.num_features = _HEAD_CHANNELS
+        self.classifier = nn.Linear(_HEAD_CHANNELS, num_classes)
+        self._initialize_weights()
+
+    def _initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.kaiming_uniform_(m.weight, mode="fan_out", nonlinearity="sigmoid")
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.pool(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_mnasnet(variant: str, pretrained: bool = False, **kwargs) -> Mnasnet:
+    return build_model_with_cfg(Mnasnet, pretrained, default_cfg=default_cfgs[variant], **kwargs)
+
+
+def _cfg(url: str = "", **kwargs):
+    return dict(url=url, num_classes=1000, first_conv="features.0", classifier="classifier", **kwargs)
+
+
+_MS = "https://download.mindspore.cn/toolkits/mindcv/mnasnet"
+default_cfgs = generate_default_cfgs({
+    "mnasnet_050": _cfg(f"{_MS}/mnasnet_050-7d8bf4db.ckpt"),
+    "mnasnet_075": _cfg(f"{_MS}/mnasnet_075-465d366d.ckpt"),
+    "mnasnet_100": _cfg(f"{_MS}/mnasnet_100-1bcf43f8.ckpt"),
+    "mnasnet_130": _cfg(f"{_MS}/mnasnet_130-a43a150a.ckpt"),
+    "mnasnet_140": _cfg(f"{_MS}/mnasnet_140-7e20bb30.ckpt"),
+})
+
+
+@register_model
+def mnasnet_050(pretrained: bool = False, **kwargs) -> Mnasnet:
+    return _create_mnasnet("mnasnet_050", pretrained, alpha=0.5, **kwargs)
+
+
+@register_model
+def mnasnet_075(pretrained: bool = False, **kwargs) -> Mnasnet:
+    return _create_mnasnet("mnasnet_075", pretrained, alpha=0.75, **kwargs)
+
+
+@register_model
+def mnasnet_100(pretrained: bool = False, **kwargs) -> Mnasnet:
+    return _create_mnasnet("mnasnet_100", pretrained, alpha=1.0, **kwargs)
+
+
+@register_model
+def mnasnet_130(pretrained: bool = False, **kwargs) -> Mnasnet:
+    return _create_mnasnet("mnasnet_130", pretrained, alpha=1.3, **kwargs)
+
+
+@register_model
+def mnasnet_140(pretrained: bool = False, **kwargs) -> Mnasnet:
+    return _create_mnasnet("mnasnet_140", pretrained, alpha=1.4, **kwargs)

@@ -1,0 +1,129 @@
+"""MobileNetV1, with MindCV's module tree and parameter names.
+
+`MobileNets: Efficient Convolutional Neural Networks for Mobile Vision Applications
+<https://arxiv.org/abs/1704.04861>`_. The stem conv/bn/ReLU and one depthwise
+separable block per row of the setting form one ``features`` sequence; all
+convs pad symmetrically (MindCV's ``pad_mode="pad"``). MindCV has no
+``feature_info`` here; ours is the last block at each reduction (2 to 32),
+which is also timm's ``mobilenetv1_100`` pyramid.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..layers import GlobalAvgPooling
+from ..layers.feature_levels import note_feature
+from ..registry import register_model
+
+__all__ = ["MobileNetV1", "depthwise_separable_conv"]
+
+# output channels c, stride of the depthwise conv s
+_SETTING = (
+    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1), (512, 1),
+    (512, 1), (1024, 2), (1024, 1),
+)
+
+
+def depthwise_separable_conv(inp: int, oup: int, stride: int) -> nn.Sequential:
+    """3x3 depthwise conv/bn/ReLU, then 1x1 pointwise conv/bn/ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(inp, inp, 3, stride, padding=1, groups=inp, bias=False),
+        nn.BatchNorm2d(inp),
+        nn.ReLU(),
+        nn.Conv2d(inp, oup, 1, bias=False),
+        nn.BatchNorm2d(oup),
+        nn.ReLU(),
+    )
+
+
+class MobileNetV1(nn.Module):
+    """MobileNetV1 classifier; ``feature_info``: the last block at each reduction (``features.*``).
+
+    Args:
+        alpha: width multiplier (channels are ``int(c * alpha)``, as MindCV).
+        in_channels, num_classes: input channels, classifier outputs.
+    """
+
+    def __init__(self, alpha: float = 1.0, in_channels: int = 3, num_classes: int = 1000):
+        super().__init__()
+        input_channels = int(32 * alpha)
+        features: List[nn.Module] = [
+            nn.Conv2d(in_channels, input_channels, 3, 2, padding=1, bias=False),
+            nn.BatchNorm2d(input_channels),
+            nn.ReLU(),
+        ]
+        reduction = 2
+        self.feature_info: List[Dict] = []
+        note_feature(self.feature_info, input_channels, reduction, f"features.{len(features) - 1}")
+        for c, s in _SETTING:
+            output_channels = int(c * alpha)
+            features.append(depthwise_separable_conv(input_channels, output_channels, s))
+            input_channels = output_channels
+            reduction *= s
+            note_feature(self.feature_info, output_channels, reduction, f"features.{len(features) - 1}")
+        self.features = nn.Sequential(*features)
+        self.flatten_sequential = True
+
+        self.pool = GlobalAvgPooling()
+        self.num_features = input_channels
+        self.classifier = nn.Linear(input_channels, num_classes)
+        self._initialize_weights()
+
+    def _initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+            elif isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.01, a=-0.02, b=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_mobilenet_v1(variant: str, pretrained: bool = False, **kwargs) -> MobileNetV1:
+    return build_model_with_cfg(MobileNetV1, pretrained, default_cfg=default_cfgs[variant], **kwargs)
+
+
+def _cfg(url: str = "", **kwargs):
+    # MindCV's published MobileNetV1 weights have 1001 classes (background + ImageNet).
+    return dict(url=url, num_classes=1001, first_conv="features.0", classifier="classifier", **kwargs)
+
+
+_MS = "https://download.mindspore.cn/toolkits/mindcv/mobilenet/mobilenetv1"
+default_cfgs = generate_default_cfgs({
+    "mobilenet_v1_025": _cfg(f"{_MS}/mobilenet_v1_025-d3377fba.ckpt"),
+    "mobilenet_v1_050": _cfg(f"{_MS}/mobilenet_v1_050-23e9ddbe.ckpt"),
+    "mobilenet_v1_075": _cfg(f"{_MS}/mobilenet_v1_075-5bed0c73.ckpt"),
+    "mobilenet_v1_100": _cfg(f"{_MS}/mobilenet_v1_100-91c7b206.ckpt"),
+})
+
+
+@register_model
+def mobilenet_v1_025(pretrained: bool = False, **kwargs) -> MobileNetV1:
+    return _create_mobilenet_v1("mobilenet_v1_025", pretrained, alpha=0.25, **kwargs)
+
+
+@register_model
+def mobilenet_v1_050(pretrained: bool = False, **kwargs) -> MobileNetV1:
+    return _create_mobilenet_v1("mobilenet_v1_050", pretrained, alpha=0.5, **kwargs)
+
+
+@register_model
+def mobilenet_v1_075(pretrained: bool = False, **kwargs) -> MobileNetV1:
+    return _create_mobilenet_v1("mobilenet_v1_075", pretrained, alpha=0.75, **kwargs)
+
+
+@register_model
+def mobilenet_v1_100(pretrained: bool = False, **kwargs) -> MobileNetV1:
+    return _create_mobilenet_v1("mobilenet_v1_100", pretrained, alpha=1.0, **kwargs)
