@@ -1,0 +1,304 @@
+"""SENet, SE-ResNet and SE-ResNeXt, with MindCV's module tree and parameter names.
+
+`Squeeze-and-Excitation Networks <https://arxiv.org/abs/1709.01507>`_. The
+squeeze-excite gate is MindCV's ``SqueezeExciteV2`` (fully connected layers,
+reduced width rounded by ``make_divisible(c / 16, 8)``), applied to the
+residual branch before the sum. All convolutions pad symmetrically; the stem's
+max pool uses MindSpore's ``same`` padding.
+
+``feature_info``: ``layer0`` (the stem, stride 2) and ``layer1``..``layer4``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Type, Union
+
+import torch
+import torch.nn as nn
+
+from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..layers.helpers import make_divisible
+from ..layers.padding import MaxPool2d
+from ..layers.pooling import GlobalAvgPooling
+from ..registry import register_model
+
+__all__ = ["SENet", "SqueezeExciteV2", "SEBottleneck", "SEResNetBottleneck", "SEResNeXtBottleneck",
+           "SEResNetBlock"]
+
+
+def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1,
+          padding: Optional[int] = None) -> nn.Conv2d:
+    padding = kernel_size // 2 if padding is None else padding
+    return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=padding, groups=groups, bias=False)
+
+
+class SqueezeExciteV2(nn.Module):
+    """Channel gate ``x * gate(conv_expand(act(conv_reduce(mean_hw(x)))))`` with ``nn.Linear`` layers
+    (MindCV's ``layers.SqueezeExciteV2``; its ``SqueezeExcite`` uses 1x1 convs)."""
+
+    def __init__(self, in_channels: int, rd_ratio: float = 1.0 / 16, rd_channels: Optional[int] = None,
+                 rd_divisor: int = 8, norm: Optional[Callable[[int], nn.Module]] = None,
+                 act_layer: Callable[[], nn.Module] = nn.ReLU, gate_layer: Callable[[], nn.Module] = nn.Sigmoid):
+        super().__init__()
+        self.norm = norm
+        self.act = act_layer()
+        self.gate = gate_layer()
+        if not rd_channels:
+            rd_channels = make_divisible(in_channels * rd_ratio, rd_divisor)
+        self.conv_reduce = nn.Linear(in_channels, rd_channels)
+        if norm:
+            self.bn = norm(rd_channels)
+        self.conv_expand = nn.Linear(rd_channels, in_channels)
+        self.pool = GlobalAvgPooling(keep_dims=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_se = self.conv_reduce(self.pool(x))
+        if self.norm:
+            x_se = self.bn(x_se)
+        x_se = self.gate(self.conv_expand(self.act(x_se)))
+        return x * x_se[:, :, None, None]
+
+
+class _SEBottleneckBase(nn.Module):
+    """``relu(se(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x))))))))) + shortcut(x))``."""
+
+    expansion: int = 4
+
+    def _build(self, in_channels: int, mid1: int, mid2: int, out_channels: int, group: int, reduction: int,
+               stride: int, downsample: Optional[nn.Module]) -> None:
+        self.conv1 = _conv(in_channels, mid1, 1)
+        self.bn1 = nn.BatchNorm2d(mid1)
+        self.conv2 = _conv(mid1, mid2, 3, stride, group)
+        self.bn2 = nn.BatchNorm2d(mid2)
+        self.conv3 = _conv(mid2, out_channels, 1)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU()
+        self.se_module = SqueezeExciteV2(out_channels, rd_ratio=1.0 / reduction)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(self.se_module(out) + shortcut)
+
+
+class SEBottleneck(_SEBottleneckBase):
+    """SENet-154's bottleneck: widths ``2c -> 4c -> 4c``."""
+
+    def __init__(self, in_channels: int, channels: int, group: int, reduction: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None):
+        super().__init__()
+        self._build(in_channels, channels * 2, channels * 4, channels * 4, group, reduction, stride, downsample)
+
+
+class SEResNetBottleneck(_SEBottleneckBase):
+    """ResNet bottleneck (stride in the 3x3 conv) with squeeze-excite."""
+
+    def __init__(self, in_channels: int, channels: int, group: int, reduction: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None):
+        super().__init__()
+        self._build(in_channels, channels, channels, channels * 4, group, reduction, stride, downsample)
+
+
+class SEResNeXtBottleneck(_SEBottleneckBase):
+    """ResNeXt bottleneck (``group`` x ``base_width`` per 64 channels) with squeeze-excite."""
+
+    def __init__(self, in_channels: int, channels: int, group: int, reduction: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, base_width: int = 4):
+        super().__init__()
+        width = math.floor(channels * (base_width / 64)) * group
+        self._build(in_channels, width, width, channels * 4, group, reduction, stride, downsample)
+
+
+class SEResNetBlock(nn.Module):
+    """ResNet basic block with squeeze-excite."""
+
+    expansion: int = 1
+
+    def __init__(self, in_channels: int, channels: int, group: int, reduction: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None):
+        super().__init__()
+        self.conv1 = _conv(in_channels, channels, 3, stride)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = _conv(channels, channels, 3, groups=group)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+        self.se_module = SqueezeExciteV2(channels, rd_ratio=1.0 / reduction)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(self.se_module(out) + shortcut)
+
+
+_Block = Type[Union[SEBottleneck, SEResNetBottleneck, SEResNeXtBottleneck, SEResNetBlock]]
+
+
+class SENet(nn.Module):
+    """SENet classifier; ``feature_info``: ``layer0`` and ``layer1``..``layer4``.
+
+    Args:
+        block: the residual block class.
+        layers: blocks per stage.
+        group: groups of each block's 3x3 conv.
+        reduction: squeeze-excite reduction ratio.
+        drop_rate: dropout before the classifier.
+        in_channels: input channels.
+        inplanes: channels entering ``layer1`` (the stem's output).
+        input3x3: a stem of three 3x3 convs instead of one 7x7.
+        downsample_kernel_size, downsample_padding: the shortcut conv of ``layer2``..``layer4``.
+        num_classes: classifier outputs.
+    """
+
+    def __init__(self, block: _Block, layers: Sequence[int], group: int, reduction: int, drop_rate: float = 0.0,
+                 in_channels: int = 3, inplanes: int = 64, input3x3: bool = False, downsample_kernel_size: int = 1,
+                 downsample_padding: int = 0, num_classes: int = 1000):
+        super().__init__()
+        self.inplanes = inplanes
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        if input3x3:
+            self.layer0 = nn.Sequential(
+                _conv(in_channels, 64, 3, 2), nn.BatchNorm2d(64), nn.ReLU(),
+                _conv(64, 64, 3), nn.BatchNorm2d(64), nn.ReLU(),
+                _conv(64, inplanes, 3), nn.BatchNorm2d(inplanes), nn.ReLU(),
+            )
+        else:
+            self.layer0 = nn.Sequential(_conv(in_channels, inplanes, 7, 2), nn.BatchNorm2d(inplanes), nn.ReLU())
+        reduction_hw = 2
+        self.feature_info = [dict(chs=inplanes, reduction=reduction_hw, name="layer0")]
+        self.pool0 = MaxPool2d(3, stride=2, pad_mode="same")
+        reduction_hw *= 2
+        for i, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+            stride = 1 if i == 0 else 2
+            reduction_hw *= stride
+            # layer1's shortcut is always a 1x1 conv, as in MindCV.
+            kernel, padding = (1, 0) if i == 0 else (downsample_kernel_size, downsample_padding)
+            self.add_module(f"layer{i + 1}", self._make_layer(block, planes, num_blocks, group, reduction, stride,
+                                                              kernel, padding))
+            self.feature_info.append(dict(chs=self.inplanes, reduction=reduction_hw, name=f"layer{i + 1}"))
+
+        self.num_features = self.inplanes
+        self.pool = GlobalAvgPooling()
+        if drop_rate > 0.0:
+            self.dropout = nn.Dropout(p=drop_rate)
+        self.classifier = nn.Linear(self.num_features, num_classes)
+        self._initialize_weights()
+
+    def _make_layer(self, block: _Block, planes: int, blocks: int, group: int, reduction: int, stride: int = 1,
+                    downsample_kernel_size: int = 1, downsample_padding: int = 0) -> nn.Sequential:
+        out_channels = planes * block.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out_channels:
+            downsample = nn.Sequential(_conv(self.inplanes, out_channels, downsample_kernel_size, stride,
+                                             padding=downsample_padding), nn.BatchNorm2d(out_channels))
+        layers: List[nn.Module] = [block(self.inplanes, planes, group, reduction, stride, downsample)]
+        self.inplanes = out_channels
+        layers += [block(self.inplanes, planes, group, reduction) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def _initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="sigmoid")
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool0(self.layer0(x))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(x)
+        if self.drop_rate > 0.0:
+            x = self.dropout(x)
+        return self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_senet(variant: str, pretrained: bool = False, **kwargs) -> SENet:
+    return build_model_with_cfg(SENet, pretrained, default_cfg=default_cfgs[variant], **kwargs)
+
+
+def _cfg(url: str = "", **kwargs):
+    return dict(url=url, num_classes=1000, first_conv="layer0.0", classifier="classifier", **kwargs)
+
+
+_MS = "https://download.mindspore.cn/toolkits/mindcv"
+default_cfgs = generate_default_cfgs({
+    "senet154": _cfg(),
+    "seresnet18": _cfg(f"{_MS}/senet/seresnet18-7880643b.ckpt"),
+    "seresnet34": _cfg(f"{_MS}/senet/seresnet34-8179d3c9.ckpt"),
+    "seresnet50": _cfg(f"{_MS}/senet/seresnet50-ff9cd214.ckpt"),
+    "seresnet101": _cfg(),
+    "seresnet152": _cfg(),
+    "seresnext26_32x4d": _cfg(f"{_MS}/senet/seresnext26_32x4d-5361f5b6.ckpt"),
+    "seresnext50_32x4d": _cfg(f"{_MS}/senet/seresnext50_32x4d-fdc35aca.ckpt"),
+    "seresnext101_32x4d": _cfg(),
+})
+
+
+@register_model
+def senet154(pretrained: bool = False, **kwargs) -> SENet:
+    return _create_senet("senet154", pretrained, block=SEBottleneck, layers=(3, 8, 36, 3), group=64, reduction=16,
+                         downsample_kernel_size=3, downsample_padding=1, inplanes=128, input3x3=True, **kwargs)
+
+
+@register_model
+def seresnet18(pretrained: bool = False, **kwargs) -> SENet:
+    return _create_senet("seresnet18", pretrained, block=SEResNetBlock, layers=(2, 2, 2, 2), group=1, reduction=16,
+                         **kwargs)
+
+
+@register_model
+def seresnet34(pretrained: bool = False, **kwargs) -> SENet:
+    return _create_senet("seresnet34", pretrained, block=SEResNetBlock, layers=(3, 4, 6, 3), group=1, reduction=16,
+                         **kwargs)
+
+
+@register_model
+def seresnet50(pretrained: bool = False, **kwargs) -> SENet:
+    return _create_senet("seresnet50", pretrained, block=SEResNetBottleneck, layers=(3, 4, 6, 3), group=1,
+                         reduction=16, **kwargs)
+
+
+@register_model
+def seresnet101(pretrained: bool = False, **kwargs) -> SENet:
+    return _create_senet("seresnet101", pretrained, block=SEResNetBottleneck, layers=(3, 4, 23, 3), group=1,
+                         reduction=16, **kwargs)
+
+
+@register_model
+def seresnet152(pretrained: bool = False, **kwargs) -> SENet:
+    return _create_senet("seresnet152", pretrained, block=SEResNetBottleneck, layers=(3, 8, 36, 3), group=1,
+                         reduction=16, **kwargs)
+
+
+@register_model
+def seresnext26_32x4d(pretrained: bool = False, **kwargs) -> SENet:
+    return _create_senet("seresnext26_32x4d", pretrained, block=SEResNeXtBottleneck, layers=(2, 2, 2, 2), group=32,
+                         reduction=16, **kwargs)
+
+
+@register_model
+def seresnext50_32x4d(pretrained: bool = False, **kwargs) -> SENet:
+    return _create_senet("seresnext50_32x4d", pretrained, block=SEResNeXtBottleneck, layers=(3, 4, 6, 3), group=32,
+                         reduction=16, **kwargs)
+
+
+@register_model
+def seresnext101_32x4d(pretrained: bool = False, **kwargs) -> SENet:
+    return _create_senet("seresnext101_32x4d", pretrained, block=SEResNeXtBottleneck, layers=(3, 4, 23, 3),
+                         group=32, reduction=16, **kwargs)
