@@ -5,7 +5,7 @@ FZ_CACHE  ?= $(HOME)/.cache/featurezoo
 # The MindCV reference environment and its outputs live outside the repo, keyed by version.
 MS_VENV   ?= $(FZ_CACHE)/venv-mindcv-0.3.0-ms-2.10.0
 REF_CACHE ?= $(FZ_CACHE)/mindcv-ref
-PYTEST_ARGS ?= -n 2 -q
+PYTEST_ARGS ?= -n 2 --dist loadgroup -q
 
 export FEATUREZOO_REF_CACHE := $(REF_CACHE)
 
@@ -29,7 +29,11 @@ $(MS_VENV)/.stamp: tools/mindcv-requirements.txt
 refs: venv msvenv
 	mkdir -p $(REF_CACHE)
 	$(VENV)/bin/python -m tests.zoo jobs > $(REF_CACHE)/jobs.json
-	$(MS_VENV)/bin/python tools/mindcv_reference.py --out $(REF_CACHE) --jobs $(REF_CACHE)/jobs.json
+	# Two shards in parallel: building MindCV models is mostly single-threaded Python.
+	$(MS_VENV)/bin/python tools/mindcv_reference.py --out $(REF_CACHE) --jobs $(REF_CACHE)/jobs.json --shard 0/2 & \
+	pid=$$!; \
+	$(MS_VENV)/bin/python tools/mindcv_reference.py --out $(REF_CACHE) --jobs $(REF_CACHE)/jobs.json --shard 1/2; \
+	rc=$$?; wait $$pid && exit $$rc
 
 test: venv refs
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -6,7 +6,7 @@ import torch
 
 import featurezoo as fz
 from tests.reference import load_meta
-from tests.zoo import META_ONLY_PARAMS, VALID_PADDED, VALID_PADDED_SIZES, ref_args, zoo_models
+from tests.zoo import HUGE_MODELS, META_ONLY_PARAMS, VALID_PADDED, VALID_PADDED_SIZES, ref_args, zoo_models
 
 MODELS = zoo_models()
 SIZES = (64, 67)  # one odd size: reductions must round up like the convs do
@@ -16,9 +16,10 @@ def _num_params(model, trainable_only=True):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _is_huge(name):
+def test_huge_model_list_is_complete():
     with torch.device("meta"):
-        return _num_params(fz.create_model(name)) > META_ONLY_PARAMS
+        counts = {n: _num_params(fz.create_model(n)) for n in MODELS}
+    assert {n for n, c in counts.items() if c > META_ONLY_PARAMS} == HUGE_MODELS
 
 
 def _feature_shapes(model, size, device):
@@ -28,7 +29,7 @@ def _feature_shapes(model, size, device):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_feature_shapes_match_feature_info(name):
-    device = "meta" if _is_huge(name) else "cpu"
+    device = "meta" if name in HUGE_MODELS else "cpu"
     with torch.device(device):
         model = fz.create_model(name, features_only=True).eval()
     info = model.feature_info

@@ -62,9 +62,12 @@ VALID_PADDED: Dict[str, str] = {
     "pnasnet": "unpadded 3x3 stride-2 stem; cell_3 needs an even stride-8 map (MindCV too)",
 }
 VALID_PADDED_SIZES = (128, 192)
-# Models above this many parameters are shape-checked on the meta device only
-# (parity still runs them for real, once).
+# Models above this many parameters are shape-checked on the meta device only, and
+# their tests share one pytest-xdist group so two never load at once (memory).
+# tests/test_contract.py checks that the list is complete.
 META_ONLY_PARAMS = 150_000_000
+HUGE_MODELS = {"BiT_resnet50x3", "convnext_large", "convnext_xlarge", "convnextv2_huge", "convnextv2_large",
+               "efficientnet_v2_xl"}
 
 
 def zoo_models() -> List[str]:
