@@ -62,6 +62,14 @@ VALID_PADDED: Dict[str, str] = {
     "pnasnet": "unpadded 3x3 stride-2 stem; cell_3 needs an even stride-8 map (MindCV too)",
 }
 VALID_PADDED_SIZES = (128, 192)
+# Models that only run at particular sizes: halo attention needs every stage map to be a
+# multiple of its block size 8 (sides 256k-7..256k); RepMLP's fc3 fixes the partition
+# (224k..224k+3 or 256k..256k+3 px, rounded down, so no odd size keeps ceil()).
+CONTRACT_SIZES: Dict[str, tuple] = {
+    "halonet_50t": (256, 249),
+    **{f"repmlp_{v}224": (224, 448) for v in ("t", "b")},
+    **{f"repmlp_{v}256": (256, 512) for v in ("t", "b", "d", "l")},
+}
 # Models above this many parameters are shape-checked on the meta device only, and
 # their tests share one pytest-xdist group so two never load at once (memory).
 # tests/test_contract.py checks that the list is complete.
