@@ -31,11 +31,16 @@ PARITY_SIZE_OVERRIDES: Dict[str, int] = {
 # MindCV's HRModule rounds every upsampled term to float16 before the fusion add; an
 # implementation not bit-identical to MindSpore's CPU kernels lands ~6 in 4096 values on
 # the other side of a float16 step, one float16 ulp (~1.4e-4 of max|ref|) on branch features.
-PARITY_RTOL_OVERRIDES: Dict[str, float] = {"hrnet_w32": 2e-4, "hrnet_w48": 2e-4}
-# Very deep residual stacks whose activations explode under random BatchNorm statistics
-# (resnest269's logits reach ~1e7, where float32 rounding alone is 1.8e-4 of max|ref| in
-# MindCV itself): their references calibrate BN statistics on a batch instead.
-CALIBRATED_BN = {"resnest200", "resnest269", "seresnet101", "seresnet152"}
+# The deepest nets amplify float32 rounding beyond 1e-4 of max|ref| even in MindCV itself,
+# measured against a float64 run of the same weights: resnest269 1.8e-4 (random BN; ours
+# 2.3e-4, resnest200 1.4e-4, varying with thread count), seresnet152 1.2e-4 (calibrated BN;
+# ours 1.3e-4). Per-block agreement of these models is within 6e-5.
+PARITY_RTOL_OVERRIDES: Dict[str, float] = {"hrnet_w32": 2e-4, "hrnet_w48": 2e-4, "resnest200": 5e-4,
+                                           "resnest269": 5e-4, "seresnet152": 5e-4}
+# Very deep SE-ResNets whose activations explode under random BatchNorm statistics
+# (seresnet152's logits reach ~1e5 and MindCV's own float32 result is 0.44 of max|ref| away
+# from float64): their references calibrate BN statistics on a batch instead.
+CALIBRATED_BN = {"seresnet101", "seresnet152"}
 # Models MindCV cannot run on this machine: the parity test asserts that the
 # reference really records MindCV's failure (so nothing is skipped silently) and
 # the named test checks the model another way.
