@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .errors import CheckpointError
 from .io import PathLike, read_state_dict, unwrap_state_dict
-from .mapping import candidate_names, map_names
+from .mapping import candidate_names, map_names, rename_by_rules
 
 __all__ = ["LoadReport", "load_checkpoint", "adapt_input_conv"]
 
@@ -88,6 +88,8 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, A
     own = model.state_dict()
     shapes = {k: v.shape for k, v in own.items()}
     state, converted = _maybe_from_timm(name, state, shapes, source)
+    state, fixed = _mindcv_renames(name, state)
+    converted += fixed
     mapping = map_names(state, shapes, ema=ema and not _has_ema_container(raw), auto_mapping=auto_mapping,
                         model_name=name)
     report = LoadReport(remapped=converted + mapping.remapped, ignored=mapping.training_state + mapping.ema_dropped)
@@ -167,3 +169,16 @@ def _maybe_from_timm(name: str, state: Dict[str, torch.Tensor], shapes: Mapping[
     renamed = [(old, new, f"timm {twin}") for old, new in zip(state, converted) if old != new]
     _logger.info("%s: converting timm %s names (%d renamed)", name, twin, len(renamed))
     return converted, renamed
+
+
+def _mindcv_renames(name: str, state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor],
+                                                                           List[Tuple[str, str, str]]]:
+    """A family's ``MINDCV_RENAMES``: MindSpore parameter names that are not the module paths of
+    MindCV's own code (RegNet's stages), mapped by fixed rules."""
+    from .timm import family_module
+
+    rules = getattr(family_module(name), "MINDCV_RENAMES", ())
+    if not rules:
+        return state, []
+    renamed = rename_by_rules(state, rules)
+    return renamed, [(old, new, "MindCV names") for old, new in zip(state, renamed) if old != new]

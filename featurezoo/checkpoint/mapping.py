@@ -14,7 +14,7 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["NameMapping", "map_names", "candidate_names", "MINDSPORE_LEAVES", "flatten_name"]
+__all__ = ["NameMapping", "map_names", "candidate_names", "rename_by_rules", "MINDSPORE_LEAVES", "flatten_name"]
 
 _logger = logging.getLogger(__name__)
 
@@ -39,6 +39,17 @@ class NameMapping:
     unmatched: Dict[str, torch.Tensor] = field(default_factory=dict)
     training_state: List[str] = field(default_factory=list)
     ema_dropped: List[str] = field(default_factory=list)
+
+
+def rename_by_rules(state: Mapping[str, torch.Tensor], rules: Sequence[Tuple[str, str]]) -> Dict[str, torch.Tensor]:
+    """Apply ``(regex, replacement)`` rules, in order, to every name (family-declared renames)."""
+    compiled = [(re.compile(p), r) for p, r in rules]
+    out: Dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        for pattern, repl in compiled:
+            name = pattern.sub(repl, name)
+        out[name] = tensor
+    return out
 
 
 def flatten_name(name: str) -> str:

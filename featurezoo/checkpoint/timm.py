@@ -11,7 +11,6 @@ whose conversion needs more than renaming (splitting, reshaping) may define
 """
 from __future__ import annotations
 
-import re
 import sys
 from types import ModuleType
 from typing import Dict, Mapping, Optional
@@ -19,6 +18,7 @@ from typing import Dict, Mapping, Optional
 import torch
 
 from ..registry import is_model, model_entrypoint
+from .mapping import rename_by_rules
 
 __all__ = ["timm_twin", "convert_from_timm", "family_module"]
 
@@ -44,10 +44,4 @@ def convert_from_timm(model_name: str, state_dict: Mapping[str, torch.Tensor]) -
     custom = getattr(module, "convert_from_timm", None)
     if custom is not None:
         return custom(dict(state_dict))
-    rules = [(re.compile(p), r) for p, r in getattr(module, "TIMM_RENAMES", ())]
-    out: Dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        for pattern, repl in rules:
-            name = pattern.sub(repl, name)
-        out[name] = tensor
-    return out
+    return rename_by_rules(state_dict, getattr(module, "TIMM_RENAMES", ()))

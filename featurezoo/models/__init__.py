@@ -28,3 +28,7 @@ from . import shufflenetv2  # noqa: F401
 from . import squeezenet  # noqa: F401
 from . import halonet  # noqa: F401
 from . import repmlp  # noqa: F401
+from . import regnet  # noqa: F401
+from . import vgg  # noqa: F401
+from . import nasnet  # noqa: F401
+from . import pnasnet  # noqa: F401
