@@ -269,6 +269,57 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# timm models with the same architecture and parameters. B0-B4 and V2 use BatchNorm eps 1e-5 here, as timm's
+# efficientnet_b*/efficientnetv2_* (which pad symmetrically, so they compute what we do where MindSpore's
+# "same" padding is symmetric: odd inputs to every stride-2 conv, e.g. 65 px); timm's tf_* twins would pad
+# as we do but use eps 1e-3. B5-B7 use eps 1e-3 here, as tf_efficientnet_b5-b7, whose TF "same" padding is
+# MindSpore's: those compute what we do at every size. (All of them load: the names are the same.)
+TIMM_TWINS = {
+    **{f"efficientnet_b{i}": f"efficientnet_b{i}" for i in range(5)},
+    **{f"efficientnet_b{i}": f"tf_efficientnet_b{i}" for i in range(5, 8)},
+    **{f"efficientnet_v2_{s}": f"efficientnetv2_{s}" for s in ("s", "m", "l", "xl")},
+}
+# Layer positions inside our block.* sequence, per timm block type (told apart by its parameter names).
+_TIMM_BLOCK_LAYERS = {
+    "ir": {"conv_pw": 0, "bn1": 1, "conv_dw": 3, "bn2": 4, "se": 6, "conv_pwl": 7, "bn3": 8},  # MBConv
+    "ds": {"conv_dw": 0, "bn1": 1, "se": 3, "conv_pw": 4, "bn2": 5},  # MBConv without expansion
+    "er": {"conv_exp": 0, "bn1": 1, "conv_pwl": 3, "bn2": 4},  # FusedMBConv
+    "cn": {"conv": 0, "bn1": 1},  # FusedMBConv without expansion
+}
+
+
+def convert_from_timm(state_dict):
+    """timm's EfficientNet names as ours: ``blocks.<stage>.<i>`` is ``features.<3 + stage>.<i>.block``;
+    the head conv/BN follow the last stage. Names that are not timm's pass unchanged."""
+    import re
+
+    block_re = re.compile(r"^blocks\.(\d+)\.(\d+)\.([a-z_]+\d?)\.(.+)$")
+    blocks = {}
+    for name in state_dict:
+        m = block_re.match(name)
+        if m:
+            blocks.setdefault(m.group(1, 2), set()).add(m.group(3))
+    head = 3 + len({stage for stage, _ in blocks})
+    top = {"conv_stem": "features.0", "bn1": "features.1", "conv_head": f"features.{head}",
+           "bn2": f"features.{head + 1}", "classifier": "mlp_head"}
+    out = {}
+    for name, tensor in state_dict.items():
+        m = block_re.match(name)
+        if m:
+            parts = blocks[m.group(1, 2)]
+            kind = ("ir" if "conv_pwl" in parts and "conv_dw" in parts else "ds" if "conv_dw" in parts
+                    else "er" if "conv_exp" in parts else "cn")
+            pos = _TIMM_BLOCK_LAYERS[kind].get(m.group(3))
+            if pos is not None:
+                name = f"features.{3 + int(m.group(1))}.{m.group(2)}.block.{pos}.{m.group(4)}"
+        else:
+            first, _, rest = name.partition(".")
+            if first in top and rest:
+                name = f"{top[first]}.{rest}"
+        out[name] = tensor
+    return out
+
+
 @register_model
 def efficientnet_b0(pretrained: bool = False, **kwargs) -> EfficientNet:
     return _create_efficientnet("efficientnet_b0", pretrained, stages=_B_STAGES, width_mult=1.0, depth_mult=1.0,

@@ -316,6 +316,14 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# timm models with the same architecture and parameters. timm's hrnet_w32/hrnet_w48 give the head's
+# downsample and final convs biases that MindCV's lack; hrnet_w48_ssld (head_conv_bias=False) does not, and
+# timm has no such w32. The numbers differ: MindCV rounds every upsampled fusion term to float16
+# (fp16_upsample=True, the default here); with fp16_upsample=False they agree at multiples of 32.
+TIMM_TWINS = {"hrnet_w48": "hrnet_w48_ssld"}
+TIMM_RENAMES = ((r"\.downsample\.", ".down_sample."), (r"^downsamp_modules\.", "downsample_modules."))
+
+
 @register_model
 def hrnet_w32(pretrained: bool = False, **kwargs) -> HRNet:
     return _create_hrnet("hrnet_w32", pretrained, stage_cfg=_stage_cfg(32), **kwargs)

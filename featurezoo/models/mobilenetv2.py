@@ -165,6 +165,29 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# timm models with the same architecture and parameters (the resolution variants share their width's
+# twin; timm has no width 1.3). Both pad every conv symmetrically: the numbers agree at any input size.
+TIMM_TWINS = {
+    **{f"mobilenet_v2_{w}{r}": f"mobilenetv2_{w}" for w, rs in (
+        ("140", ("",)), ("100", ("", "_192", "_160", "_128", "_96")), ("075", ("", "_192", "_160", "_128", "_96")),
+        ("050", ("_224", "_192", "_160", "_128", "_96")), ("035", ("_224", "_192", "_160", "_128", "_96")))
+       for r in rs},
+}
+# timm's blocks.<stage>.<i> are features.<3 + block number> here (the stem is features.0-2); its first block
+# (depthwise-separable, no expansion) names its layers differently from the inverted residuals.
+TIMM_RENAMES = (
+    (r"^conv_stem\.", "features.0."), (r"^bn1\.", "features.1."),
+    (r"^conv_head\.", "features.20."), (r"^bn2\.", "features.21."), (r"^classifier\.", "classifier.1."),
+    (r"^blocks\.0\.0\.conv_dw\.", "features.3.layers.0."), (r"^blocks\.0\.0\.bn1\.", "features.3.layers.1."),
+    (r"^blocks\.0\.0\.conv_pw\.", "features.3.layers.3."), (r"^blocks\.0\.0\.bn2\.", "features.3.layers.4."),
+    (r"^(blocks\.\d+\.\d+\.)conv_pw\.", r"\1layers.0."), (r"^(blocks\.\d+\.\d+\.)bn1\.", r"\1layers.1."),
+    (r"^(blocks\.\d+\.\d+\.)conv_dw\.", r"\1layers.3."), (r"^(blocks\.\d+\.\d+\.)bn2\.", r"\1layers.4."),
+    (r"^(blocks\.\d+\.\d+\.)conv_pwl\.", r"\1layers.6."), (r"^(blocks\.\d+\.\d+\.)bn3\.", r"\1layers.7."),
+    *((rf"^blocks\.{s}\.{i}\.", f"features.{3 + b}.") for b, (s, i) in enumerate(
+        (s, i) for s, (_, _, n, _) in enumerate(_SETTING) for i in range(n))),
+)
+
+
 @register_model
 def mobilenet_v2_140(pretrained: bool = False, **kwargs) -> MobileNetV2:
     return _create_mobilenet_v2("mobilenet_v2_140", pretrained, alpha=1.4, **kwargs)

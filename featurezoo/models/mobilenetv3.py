@@ -186,6 +186,13 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# No timm twins. timm's mobilenetv3_{small,large}_100 (and tf_*) have our parameters, but the
+# classifier's hidden layer is a 1x1 conv there (conv_head, 4-D weight) and a Linear here (2-D), so one
+# tensor would need a reshape; timm's *_075 models also keep that layer 1280 (large) / 1024 (small) wide,
+# where MindCV scales it to 960 / 768.
+TIMM_TWINS: dict = {}
+
+
 @register_model
 def mobilenet_v3_small_100(pretrained: bool = False, **kwargs) -> MobileNetV3:
     return _create_mobilenet_v3("mobilenet_v3_small_100", pretrained, arch="small", alpha=1.0, **kwargs)

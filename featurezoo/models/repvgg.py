@@ -266,6 +266,18 @@ default_cfgs = generate_default_cfgs({
     "repvgg_b2g4": _cfg(f"{_MS}/repvgg_b2g4-e79eeadd.ckpt"),
 })
 
+
+# timm models with the same architecture and parameters (timm has no repvgg_b1g2). Both pad symmetrically:
+# the numbers agree at any input size. Training form only (timm names no rbr_reparam).
+TIMM_TWINS = {n: n for n in ("repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "repvgg_b2",
+                             "repvgg_b3", "repvgg_b1g4", "repvgg_b2g4")}
+TIMM_RENAMES = (
+    (r"^stem\.", "stage0."), *((rf"^stages\.{i}\.", f"stage{i + 1}.") for i in range(4)),
+    (r"\.conv_kxk\.conv\.", ".rbr_dense.0."), (r"\.conv_kxk\.bn\.", ".rbr_dense.1."),
+    (r"\.conv_1x1\.conv\.", ".rbr_1x1.0."), (r"\.conv_1x1\.bn\.", ".rbr_1x1.1."),
+    (r"\.identity\.", ".rbr_identity."), (r"^head\.fc\.", "linear."),
+)
+
 # The grouped variants group every second stage block (block numbers 2, 4, ..., 26).
 _GROUPED_BLOCKS = range(2, 27, 2)
 _G2 = {i: 2 for i in _GROUPED_BLOCKS}

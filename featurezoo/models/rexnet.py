@@ -195,6 +195,21 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# timm models with the same architecture and parameters (timm has no width 0.9). Both pad symmetrically:
+# the numbers agree at any input size.
+TIMM_TWINS = {"rexnet_10": "rexnet_100", "rexnet_13": "rexnet_130", "rexnet_15": "rexnet_150",
+              "rexnet_20": "rexnet_200"}
+TIMM_RENAMES = (
+    (r"^stem\.conv\.", "stem.features.0."), (r"^stem\.bn\.", "stem.features.1."),
+    (r"\.(conv_exp|conv_dw|conv_pwl)\.conv\.", r".\1.features.0."),
+    (r"\.(conv_exp|conv_dw|conv_pwl)\.bn\.", r".\1.features.1."),
+    (r"\.se\.fc1\.", ".se.conv_reduce."), (r"\.se\.fc2\.", ".se.conv_expand."),
+    # the penultimate 1x1 conv, the last of timm's features
+    (r"^(features\.\d+)\.conv\.", r"\1.features.0."), (r"^(features\.\d+)\.bn\.", r"\1.features.1."),
+    (r"^head\.fc\.", "cls.1."),
+)
+
+
 @register_model
 def rexnet_09(pretrained: bool = False, **kwargs) -> ReXNetV1:
     return _create_rexnet("rexnet_09", 0.9, pretrained, **kwargs)
