@@ -118,8 +118,28 @@ def test_missing_and_unexpected_keys(trained):
 
 
 def test_checkpoint_of_another_architecture(trained):
-    with pytest.raises(CheckpointError, match="shape mismatch"):
+    with pytest.raises(CheckpointError, match="(?s)shape mismatch.*looks like resnet18"):
         fz.load_checkpoint(fz.create_model("resnet50"), trained.state_dict())
+    with pytest.raises(CheckpointError, match="looks like resnet18"):
+        fz.load_checkpoint(fz.create_model("resnet34"), _ms_names(trained.state_dict()))
+
+
+def test_ckpt_is_saved_under_mindspore_names(tmp_path, trained):
+    from featurezoo.checkpoint.mindspore_ckpt import read_mindspore_ckpt
+
+    path = fz.save_checkpoint(trained, tmp_path / "r18.ckpt")
+    names = set(read_mindspore_ckpt(path))
+    assert names == set(_ms_names(trained.state_dict()))
+    assert "layer1.0.bn1.moving_variance" in names and "conv1.weight" in names
+    assert _same(fz.create_model("resnet18", checkpoint_path=str(path)), trained)
+
+
+def test_more_input_channels_repeat_and_rescale(trained):
+    m = fz.create_model("resnet18", in_channels=5)
+    fz.load_checkpoint(m, trained.state_dict())
+    w = trained.conv1.weight
+    expected = torch.cat([w, w[:, :2]], 1) * 3 / 5
+    torch.testing.assert_close(m.conv1.weight, expected)
 
 
 def test_training_state_in_mindspore_checkpoints_is_ignored(trained):

@@ -113,7 +113,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, A
     if mismatched:
         raise CheckpointError(
             f"{name}: {len(mismatched)} shape mismatch(es) loading {where}, nothing was loaded:\n  "
-            + "\n  ".join(mismatched[:20])
+            + "\n  ".join(mismatched[:20]) + _looks_like(name, state)
         )
     if report.skipped_head:
         _logger.warning("%s: classifier weights %s do not fit (different num_classes); the head keeps its "
@@ -137,6 +137,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, A
         raise CheckpointError(
             f"{name}: {where} does not fit, nothing was loaded: {len(missing_body)} missing "
             f"{missing_body[:8]}, {len(report.unexpected)} unexpected {report.unexpected[:8]}{hint}"
+            + _looks_like(name, state)
         )
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
@@ -182,3 +183,27 @@ def _mindcv_renames(name: str, state: Dict[str, torch.Tensor]) -> Tuple[Dict[str
         return state, []
     renamed = rename_by_rules(state, rules)
     return renamed, [(old, new, "MindCV names") for old, new in zip(state, renamed) if old != new]
+
+
+def _looks_like(name: str, state: Mapping[str, torch.Tensor]) -> str:
+    """Name the model of ``name``'s family whose every tensor the checkpoint holds, if one does
+    (a resnet18 file given to resnet50). Built on the meta device: no weights are allocated."""
+    from ..registry import is_model, list_models, model_module
+
+    if not is_model(name):
+        return ""
+    wanted = {}
+    for key, tensor in state.items():
+        for cand, _ in candidate_names(key, False):
+            wanted[cand] = tuple(tensor.shape)
+    for other in list_models(module=model_module(name)):
+        if other == name:
+            continue
+        from ..factory import create_model
+
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in create_model(other).state_dict().items()
+                      if not k.endswith("num_batches_tracked")}
+        if shapes and all(wanted.get(k) == v for k, v in shapes.items()):
+            return f"\n  the checkpoint looks like {other}: create_model({other!r}) fits it"
+    return ""
