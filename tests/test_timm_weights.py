@@ -11,13 +11,17 @@ from tests.zoo import zoo_models
 TWINS = [(n, timm_twin(n)) for n in zoo_models() if timm_twin(n)]
 # Input sizes at which our computation equals timm's exactly (MindSpore 'same' padding
 # is symmetric there); families not listed differ numerically at every size.
-# mobilenetv2, repvgg, rexnet: symmetric padding throughout, so any size. efficientnet: every size at which
-# each stride-2 conv gets an odd input (1, 33, 65, ...; B5-B7, twinned with TF-padded tf_*, any size); but in
-# the deep randomised B5-B7/V2 nets the float32 rounding differences (x * sigmoid(x) vs SiLU) grow block by
-# block to up to ~1 relative at 33 and 65 px (in float64: 1e-15 for B0-B4, up to 1e-5 for B7), so the family
-# is compared at 1 px, where every map is 1x1. Not listed: convnext (MindCV's GELU is the tanh approximation,
-# timm's the exact one) and hrnet (MindCV rounds upsampled fusion terms to float16).
-IDENTICAL_AT = {"resnet": 65, "mobilenetv2": 65, "repvgg": 65, "rexnet": 65, "efficientnet": 1}
+# mobilenetv2, repvgg, rexnet, res2net, densenet, regnet, inceptionv4: symmetric (or no) padding throughout, so any
+# size. resnet, sknet: the stem max pool's input must be odd (65 px). xception: every strided block's max pool input
+# must be odd (71 px: 33, 17, 9, 5). efficientnet: every size at which each stride-2 conv gets an odd input
+# (1, 33, 65, ...; B5-B7, twinned with TF-padded tf_*, any size); but in the deep randomised B5-B7/V2 nets the
+# float32 rounding differences (x * sigmoid(x) vs SiLU) grow block by block to up to ~1 relative at 33 and 65 px
+# (in float64: 1e-15 for B0-B4, up to 1e-5 for B7), so the family is compared at 1 px, where every map is 1x1.
+# Not listed: convnext (MindCV's GELU is the tanh approximation, timm's the exact one), hrnet (MindCV rounds
+# upsampled fusion terms to float16), bit (weight standardisation eps 1e-10 vs timm's 1e-8), mnasnet (BN eps
+# 1e-3 vs 1e-5), mobilenetv1 (ReLU vs timm's ReLU6), mixnet (squeeze-excite ReLU vs timm's Swish).
+IDENTICAL_AT = {"resnet": 65, "mobilenetv2": 65, "repvgg": 65, "rexnet": 65, "efficientnet": 1, "res2net": 65,
+                "sknet": 65, "densenet": 65, "inceptionv4": 99, "xception": 71, "regnet": 65}
 
 
 def _randomised(model):

@@ -164,6 +164,19 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# timm models with the same architecture and parameters (timm's BiT stem also zero-pads before a valid max
+# pool, and its head is the same GroupNorm, ReLU, mean and 1x1 conv). Not identical in numbers at any size:
+# timm's StdConv2d standardises with eps 1e-8, MindCV's with 1e-10 (tests/test_resnet_variants.py aligns the
+# eps and then finds ours and timm's equal to 1e-8 in float64).
+TIMM_TWINS = {"BiT_resnet50": "resnetv2_50x1_bit", "BiT_resnet50x3": "resnetv2_50x3_bit",
+              "BiT_resnet101": "resnetv2_101x1_bit"}
+TIMM_RENAMES = (
+    (r"^stem\.conv\.", "conv1."), *((rf"^stages\.{i}\.blocks\.", f"layer{i + 1}.") for i in range(4)),
+    (r"\.norm(\d)\.", r".gn\1."), (r"\.downsample\.conv\.", ".down_sample.0."), (r"^norm\.", "gn."),
+    (r"^head\.fc\.", "classifier."),
+)
+
+
 @register_model
 def BiT_resnet50(pretrained: bool = False, **kwargs) -> BiT_ResNet:  # noqa: N802 (MindCV's model name)
     return _create_bit("BiT_resnet50", pretrained, layers=(3, 4, 6, 3), **kwargs)

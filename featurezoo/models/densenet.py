@@ -167,6 +167,16 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# timm models with the same architecture and parameters. Both pad every conv symmetrically, zero-pad the stem
+# max pool after a ReLU (timm: pads by one, the same there) and pool the transitions 2x2 unpadded: any size
+# computes the same.
+TIMM_TWINS = {n: n for n in ("densenet121", "densenet161", "densenet169", "densenet201")}
+TIMM_RENAMES = (
+    (r"\.denselayer(\d+)\.", lambda m: f".cell_list.{int(m[1]) - 1}."),  # timm counts its layers from 1
+    (r"\.(transition\d)\.", r".\1.features."),
+)
+
+
 @register_model
 def densenet121(pretrained: bool = False, **kwargs) -> DenseNet:
     return _create_densenet("densenet121", pretrained, growth_rate=32, block_config=(6, 12, 24, 16),

@@ -222,6 +222,12 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# No TIMM_TWINS: timm's dpn92/98/107/131 have the same parameter count but not our tensors: timm's projection
+# convs (c1x1_w_s1/_s2) and last 1x1 convs (c1x1_c) are each one conv that MindCV splits in two (c1x1_w_r and
+# c1x1_w_d, conv3_r and conv3_d), so those tensors do not map one to one; its classifier is a 1x1 conv (ours
+# nn.Linear). Its BN eps, 1e-3, is MindCV's.
+
+
 @register_model
 def dpn92(pretrained: bool = False, **kwargs) -> DPN:
     return _create_dpn("dpn92", pretrained, num_init_channel=64, k_r=96, g=32, k_sec=(3, 4, 20, 3),

@@ -274,6 +274,11 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# No TIMM_TWINS: timm's inception_v3 has our tensors only when built with aux_logits=True (by default its
+# state dict lacks our ``aux`` head), and it computes something else at every size: its branch average
+# pools count the zero padding (F.avg_pool2d's default), MindCV's "same" pools do not.
+
+
 @register_model
 def inception_v3(pretrained: bool = False, **kwargs) -> InceptionV3:
     return _create_inception_v3("inception_v3", pretrained, **{"aux_logits": True, **kwargs})

@@ -298,6 +298,24 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# timm's inception_v4 has the same architecture and parameters, and computes what MindCV does at any size:
+# BN eps 1e-3, unpadded stride-2 layers, symmetric 'same' convs, branch average pools that ignore padding.
+# Its features.0-5 are our stem, features.0 here; its blocks features.6-21 are our features.1-16.
+TIMM_TWINS = {"inception_v4": "inception_v4"}
+TIMM_RENAMES = (
+    (r"^features\.0\.", "features.0.conv2d_1a_3x3."), (r"^features\.1\.", "features.0.conv2d_2a_3x3."),
+    (r"^features\.2\.", "features.0.conv2d_2b_3x3."), (r"^features\.3\.conv\.", "features.0.mixed_3a_branch_1."),
+    (r"^features\.4\.branch(\d)\.", r"features.0.mixed_4a_branch_\1."),
+    (r"^features\.5\.conv\.", "features.0.mixed_5a_branch_0."),
+    (r"^features\.(\d+)\.branch", lambda m: f"features.{int(m[1]) - 5}.branch"),
+    # Inception-C's split branches
+    (r"\.branch1_0\.", ".branch_1."), (r"\.branch1_1a\.", ".branch_1_1."), (r"\.branch1_1b\.", ".branch_1_2."),
+    (r"\.branch2_([012])\.", r".branch_2.\1."), (r"\.branch2_3a\.", ".branch_2_1."),
+    (r"\.branch2_3b\.", ".branch_2_2."),
+    (r"\.branch(\d)\.", r".branch_\1."), (r"^last_linear\.", "classifier."),
+)
+
+
 @register_model
 def inception_v4(pretrained: bool = False, **kwargs) -> InceptionV4:
     return _create_inception_v4("inception_v4", pretrained, **kwargs)

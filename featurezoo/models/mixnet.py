@@ -251,6 +251,10 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# No timm twin: timm's mixnet_* have the same tensors, but MindCV's squeeze-excite uses ReLU where timm's
+# uses Swish, so timm's weights would compute another function (logits 3-6% apart when randomised).
+
+
 @register_model
 def mixnet_s(pretrained: bool = False, **kwargs) -> MixNet:
     return _create_mixnet("mixnet_s", pretrained, arch="small", **kwargs)

@@ -151,6 +151,10 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# No timm twin: timm's mnasnet_* have the same tensors, but BatchNorm eps 1e-5 where MindCV has 1e-3
+# (TF's), so timm's weights would compute another function (logits ~2% apart when randomised).
+
+
 @register_model
 def mnasnet_050(pretrained: bool = False, **kwargs) -> Mnasnet:
     return _create_mnasnet("mnasnet_050", pretrained, alpha=0.5, **kwargs)

@@ -109,6 +109,10 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# No timm twin: timm's mobilenetv1_100 has the same tensors, but ReLU6 where MindCV has ReLU, so timm's
+# weights would compute another function (logits ~25% apart when randomised).
+
+
 @register_model
 def mobilenet_v1_025(pretrained: bool = False, **kwargs) -> MobileNetV1:
     return _create_mobilenet_v1("mobilenet_v1_025", pretrained, alpha=0.25, **kwargs)

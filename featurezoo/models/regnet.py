@@ -273,6 +273,21 @@ default_cfgs = generate_default_cfgs({
 # MindSpore's parameter names of the stages (see the module docstring) -> ours; applied in order.
 MINDCV_RENAMES = ((r"^0\.blocks\.(\d+)\.blocks\.", r"stages.\1.blocks."), (r"^0\.blocks\.", "stages.0.blocks."))
 
+# timm models with the same architecture and parameters (regnetx_002 is regnet_x_200mf, ...).
+TIMM_TWINS = {
+    f"regnet_{xy}_{ours}": f"regnet{xy}_{theirs}" for xy in "xy" for ours, theirs in (
+        ("200mf", "002"), ("400mf", "004"), ("600mf", "006"), ("800mf", "008"), ("1_6gf", "016"), ("3_2gf", "032"),
+        ("4_0gf", "040"), ("6_4gf", "064"), ("8_0gf", "080"), ("12gf", "120"), ("16gf", "160"), ("32gf", "320"))
+}
+# timm's s<i>.b<j> (from 1) are stages.<i-1>.blocks.<j-1> here; the block's convs a, b, c and shortcut proj.
+TIMM_RENAMES = (
+    (r"^s(\d+)\.b(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.{int(m[2]) - 1}."),
+    (r"\.conv1\.conv\.", ".f.a."), (r"\.conv1\.bn\.", ".f.a_bn."), (r"\.conv2\.conv\.", ".f.b."),
+    (r"\.conv2\.bn\.", ".f.b_bn."), (r"\.conv3\.conv\.", ".f.c."), (r"\.conv3\.bn\.", ".f.c_bn."),
+    (r"\.se\.fc1\.", ".f.se.conv_reduce."), (r"\.se\.fc2\.", ".f.se.conv_expand."),
+    (r"\.downsample\.conv\.", ".proj."), (r"\.downsample\.bn\.", ".bn."),
+)
+
 
 @register_model
 def regnet_x_200mf(pretrained: bool = False, **kwargs) -> RegNet:

@@ -202,6 +202,25 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# timm models with the same architecture and parameters (timm has no 152-layer Res2Net). Both pad every conv
+# and pool symmetrically where MindCV does (the stem pool's zero padding never wins the max after a ReLU, and
+# the "same" 2x2 shortcut pool of v1b counts only real cells, as timm's ceil-mode pool): any size computes the same.
+TIMM_TWINS = {"res2net50": "res2net50_26w_4s", "res2net101": "res2net101_26w_4s",
+              "res2net50_v1b": "res2net50d", "res2net101_v1b": "res2net101d"}
+TIMM_RENAMES = ((r"\.downsample\.", ".down_sample."), (r"^fc\.", "classifier."))
+# timm's v1b (res2net*d) keeps an Identity in place of layer1's stride-1 shortcut pool: its conv and BN are
+# down_sample.1/.2 there, ours .0/.1.
+_TIMM_V1B_LAYER1 = ((r"^layer1\.0\.downsample\.1\.", "layer1.0.down_sample.0."),
+                    (r"^layer1\.0\.downsample\.2\.", "layer1.0.down_sample.1."))
+
+
+def convert_from_timm(state_dict):
+    from ..checkpoint.mapping import rename_by_rules
+
+    v1b = "layer1.0.downsample.2.weight" in state_dict
+    return rename_by_rules(state_dict, (_TIMM_V1B_LAYER1 if v1b else ()) + TIMM_RENAMES)
+
+
 @register_model
 def res2net50(pretrained: bool = False, **kwargs) -> Res2Net:
     return _create_res2net("res2net50", pretrained, layer_nums=(3, 4, 6, 3), **kwargs)

@@ -40,10 +40,11 @@ class BasicBlock(nn.Module):
         self.down_sample = down_sample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.down_sample is None else self.down_sample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        # The shortcut after the branch, added in place: one map fewer alive at the peak.
+        out += x if self.down_sample is None else self.down_sample(x)
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -64,11 +65,11 @@ class Bottleneck(nn.Module):
         self.down_sample = down_sample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.down_sample is None else self.down_sample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out += x if self.down_sample is None else self.down_sample(x)
+        return self.relu(out)
 
 
 class ResNet(nn.Module):

@@ -250,6 +250,12 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# No TIMM_TWINS: timm's seresnet18/34/50/101/152, seresnext50/101_32x4d, senet154 and legacy_seresnext26_32x4d
+# have the same architecture and parameters, but their squeeze-excite layers are 1x1 convs with (out, in, 1, 1)
+# weights where ours (nn.Linear, as MindCV's SqueezeExciteV2) are (out, in): those tensors would need reshaping,
+# so they do not map one to one (tests/test_resnet_variants.py loads seresnet50's with that fix-up).
+
+
 @register_model
 def senet154(pretrained: bool = False, **kwargs) -> SENet:
     return _create_senet("senet154", pretrained, block=SEBottleneck, layers=(3, 8, 36, 3), group=64, reduction=16,

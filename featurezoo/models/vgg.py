@@ -116,6 +116,10 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# No TIMM_TWINS: timm's vgg11/13/16/19 give every conv a bias (MindSpore's nn.Conv2d has none here) and hold
+# the first two classifier layers as 7x7 and 1x1 convs (ours nn.Linear): timm's conv biases have no place here.
+
+
 @register_model
 def vgg11(pretrained: bool = False, **kwargs) -> VGG:
     return _create_vgg("vgg11", pretrained, **kwargs)

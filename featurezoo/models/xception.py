@@ -187,6 +187,14 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# timm's legacy_xception has the same architecture and parameters. Its strided blocks' max pools pad by one
+# on every side, which is MindSpore's "same" pool where the pool input is odd: 71 px makes all four of them
+# odd (33, 17, 9, 5), and there the numbers agree (the unpadded stem and the symmetric separable convs agree
+# at any size).
+TIMM_TWINS = {"xception": "legacy_xception"}
+TIMM_RENAMES = ((r"^block(\d+)\.", lambda m: f"blocks.{int(m[1]) - 1}."), (r"^fc\.", "classifier."))
+
+
 @register_model
 def xception(pretrained: bool = False, **kwargs) -> Xception:
     return _create_xception("xception", pretrained, **kwargs)

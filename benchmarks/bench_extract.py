@@ -1,0 +1,152 @@
+"""Extraction throughput of ``featurezoo extract`` against the model alone.
+
+On a folder of generated JPEGs, times (a) the full extraction
+(``featurezoo.extract.extract_features``: listing, decoding in DataLoader
+workers, preprocessing, the model, pooling, writing shards) and (b) the same
+feature model's forward on the same images already decoded and preprocessed
+into tensors (same batch size, dtype, threads). The two alternate, so machine
+noise hits both alike; medians are reported, and their ratio (target >= 0.9).
+
+    python benchmarks/bench_extract.py                                   # resnet50, 224 px, batch 16
+    python benchmarks/bench_extract.py --model mobilenet_v3_small_100 --images 256
+    python benchmarks/bench_extract.py --workers auto 0 1 2 --threads 2  # compare loader settings
+
+The images are ``--image-size`` (default 800x600) JPEGs of smooth colour
+fields plus noise, which decode about as fast as photos of that size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from featurezoo.extract import DTYPES, Preprocess, build_feature_model, extract_features, pool_features, probe_model
+
+
+def make_images(folder: Path, n: int, width: int, height: int) -> List[Path]:
+    """``n`` JPEGs in ``folder`` (kept between runs: regenerated only if missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    paths = []
+    for i in range(n):
+        path = folder / f"img_{i:05d}.jpg"
+        paths.append(path)
+        if path.exists():
+            continue
+        f = rng.uniform(8, 40, size=3)
+        base = np.stack([np.sin(x / f[0] + i), np.cos(y / f[1] - i), np.sin((x + y) / f[2])], -1) * 90 + 128
+        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(path, quality=90)
+    return paths
+
+
+def model_only_rate(model, batches: List[torch.Tensor], pool: str, device: torch.device) -> float:
+    """Images/s of the forward (plus pooling, as extraction does) on preloaded input tensors."""
+    n = sum(b.shape[0] for b in batches)
+    with torch.inference_mode():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for x in batches:
+            pool_features(model(x), pool)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n / (time.perf_counter() - t0)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--image-size", default="800x600", help="WxH of the generated JPEGs")
+    ap.add_argument("--size", type=int, default=None, help="model input size (default: the model's cfg)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--pool", default="none", choices=["none", "avg", "max"])
+    ap.add_argument("--out-indices", default="pyramid", help="'pyramid', 'all' or e.g. 1,2,3")
+    ap.add_argument("--workers", nargs="+", default=["auto"],
+                    help="decoding worker counts to compare: 'auto' (the default choice) or numbers")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size")
+    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "featurezoo-bench-extract"),
+                    help="where the images and outputs go")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.ERROR)
+    width, height = (int(v) for v in args.image_size.lower().split("x"))
+    out_indices = None if args.out_indices == "all" else (
+        "pyramid" if args.out_indices == "pyramid" else [int(v) for v in args.out_indices.split(",")])
+    size = (args.size, args.size) if args.size else None
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    root = Path(args.dir)
+    paths = make_images(root / f"images_{width}x{height}", args.images, width, height)
+
+    _, indices, cfg, shapes = probe_model(args.model, out_indices, size)
+    pre = Preprocess.from_cfg(cfg, size, jpeg_draft=not args.no_draft)
+    model = build_feature_model(args.model, indices).to(device=device, dtype=dtype)
+    t0 = time.perf_counter()
+    decoded = [torch.from_numpy(pre.load(p)) for p in paths]
+    decode_ms = (time.perf_counter() - t0) / len(paths) * 1e3
+    batches = [pre.normalize(torch.stack(decoded[i:i + args.batch_size]).to(device), dtype)
+               for i in range(0, len(decoded), args.batch_size)]
+    out_mb = sum(int(np.prod(s if args.pool == "none" else s[:1])) for s in shapes) * \
+        torch.empty((), dtype=dtype).element_size() / 2**20
+
+    print(f"{args.model}: {len(paths)} JPEGs {width}x{height}, input {pre.size[0]}x{pre.size[1]}, batch "
+          f"{args.batch_size}, {args.dtype}, {device}, torch threads {args.threads}, cores "
+          f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}, "
+          f"levels {indices}, pool {args.pool} ({out_mb:.2f} MB stored per image), "
+          f"decode+preprocess {decode_ms:.1f} ms/image in one thread, jpeg draft {not args.no_draft}")
+    with torch.inference_mode():  # warm-up: allocator, kernels
+        model(batches[0])
+
+    results: Dict[str, List[float]] = {"model": []}
+    chosen: List[int] = []
+    settings = [None if w == "auto" else int(w) for w in args.workers]
+    for w in args.workers:
+        results[f"extract w={w}"] = []
+    for r in range(args.repeats):
+        results["model"].append(model_only_rate(model, batches, args.pool, device))
+        for w, setting in zip(args.workers, settings):
+            s = extract_features(args.model, [paths[0].parent], root / "out", out_indices=indices, pool=args.pool,
+                                 batch_size=args.batch_size, workers=setting, dtype=args.dtype, device=args.device,
+                                 size=size, jpeg_draft=not args.no_draft, overwrite=True, threads=args.threads)
+            results[f"extract w={w}"].append(s.new_images / s.seconds)
+            if setting is None:
+                chosen.append(s.workers)
+        print(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in results.items()), flush=True)
+
+    base = statistics.median(results["model"])
+    print(f"{'':18} {'img/s (median)':>15} {'ratio to model':>15}")
+    rows = []
+    for k, v in results.items():
+        med = statistics.median(v)
+        rows.append(dict(setting=k, rate=med, ratio=med / base, runs=v))
+        print(f"{k:18} {med:15.2f} {med / base:15.3f}")
+    if chosen:
+        print(f"auto chose {sorted(set(chosen))} worker(s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), decode_ms=decode_ms, results=rows, auto_workers=chosen), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

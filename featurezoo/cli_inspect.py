@@ -1,0 +1,126 @@
+"""What ``featurezoo list`` and ``featurezoo info`` report, computed on the meta
+device: shapes, parameters and FLOPs without allocating a single weight.
+
+FLOPs are counted by torch's own ``torch.utils.flop_counter.FlopCounterMode``
+(a multiply-add counts 2; ops it has no formula for, such as elementwise ones,
+count 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .builder import ModelCfg
+from .factory import create_model
+from .features import PYRAMID, FeatureInfo, normalize_out_indices
+
+__all__ = ["ModelRow", "LevelRow", "ChoiceRow", "ModelReport", "model_row", "model_report", "count_params",
+           "meta_flops"]
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def meta_flops(model: nn.Module, size: Tuple[int, int], in_chans: int = 3) -> Tuple[int, list]:
+    """FLOPs of one forward at ``size`` (batch 1) on the meta device, and the output shapes."""
+    with torch.device("meta"), torch.no_grad():
+        x = torch.empty(1, in_chans, *size)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = model.eval()(x)
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    return counter.get_total_flops(), [tuple(o.shape[1:]) for o in outs]
+
+
+def _meta_model(name: str, **kwargs) -> nn.Module:
+    with torch.device("meta"):
+        return create_model(name, **kwargs)
+
+
+@dataclass
+class ModelRow:
+    """One line of ``featurezoo list``."""
+
+    name: str
+    params: int  # of the feature model with every level (the classifier's if no features)
+    levels: Optional[int]  # None: no features_only support
+    reductions: List[int]
+    pretrained: bool
+
+
+def model_row(name: str) -> ModelRow:
+    try:
+        model = _meta_model(name, features_only=True)
+    except ValueError:  # the model registers no feature_info
+        model = _meta_model(name)
+        return ModelRow(name, count_params(model), None, [], bool(model.default_cfg.url))
+    info: FeatureInfo = model.feature_info
+    return ModelRow(name, count_params(model), len(info), info.reduction(), bool(model.default_cfg.url))
+
+
+@dataclass
+class LevelRow:
+    index: int
+    name: str
+    chs: int
+    reduction: int
+    shape: Tuple[int, ...]  # (C, H, W) at the asked size
+    params: int  # held by the feature model whose deepest output is this level
+    flops: int
+
+
+@dataclass
+class ChoiceRow:
+    label: str
+    indices: Optional[List[int]]  # None for the classifier
+    params: int
+    flops: int
+
+
+@dataclass
+class ModelReport:
+    name: str
+    cfg: ModelCfg
+    size: Tuple[int, int]
+    levels: List[LevelRow]
+    choices: List[ChoiceRow]
+
+
+def model_report(name: str, size: Optional[Tuple[int, int]] = None,
+                 out_indices: Union[Sequence[int], str, None] = None) -> ModelReport:
+    """Everything ``featurezoo info`` prints, for ``name`` at ``size`` (default: the cfg's)."""
+    full = _meta_model(name, features_only=True)
+    cfg: ModelCfg = full.default_cfg
+    size = tuple(size) if size is not None else tuple(cfg.input_size[1:])
+    in_chans = cfg.input_size[0]
+    info = full.feature_info  # built with out_indices=None: every entry
+    _, shapes = meta_flops(full, size, in_chans)
+    levels = []
+    for i, entry in enumerate(info):
+        single = _meta_model(name, features_only=True, out_indices=[i])
+        flops, _ = meta_flops(single, size, in_chans)
+        levels.append(LevelRow(i, entry["name"], entry["chs"], entry["reduction"], shapes[i], count_params(single),
+                               flops))
+    choices = []
+    asked = [("all (default)", None), (PYRAMID, PYRAMID)]
+    if out_indices is not None and out_indices != PYRAMID:
+        asked.insert(0, (",".join(str(i) for i in out_indices), list(out_indices)))
+    for label, choice in asked:
+        model = _meta_model(name, features_only=True, out_indices=choice)
+        flops, _ = meta_flops(model, size, in_chans)
+        choices.append(ChoiceRow(label, list(model.out_indices), count_params(model), flops))
+    classifier = _meta_model(name)
+    flops, _ = meta_flops(classifier, size, in_chans)
+    choices.append(ChoiceRow("classifier (not features_only)", None, count_params(classifier), flops))
+    return ModelReport(name, cfg, size, levels, choices)
+
+
+def check_out_indices(name: str, out_indices: Union[Sequence[int], str, None]) -> List[int]:
+    """Normalised indices, or the ``ValueError`` that names the valid ones."""
+    full = _meta_model(name, features_only=True)
+    return normalize_out_indices(out_indices, full.feature_info)

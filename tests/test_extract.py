@@ -1,0 +1,394 @@
+"""featurezoo.extract: preprocessing, skipping, the output directory, resume, refusal to mix.
+
+Tiny generated images and small models at 64 px keep this fast on 2 cores.
+The kill-a-subprocess resume test is in test_cli.py.
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import featurezoo as fz
+from featurezoo.extract import (ExtractError, Preprocess, build_feature_model, choose_workers, collect_inputs,
+                                extract_features, iter_shards, load_features)
+from featurezoo.extract_data import ImageBatches, SkippedImage
+
+MODEL = "resnet18"
+SIZE = (64, 64)
+RUN = dict(out_indices="pyramid", size=SIZE, batch_size=3, workers=0)
+
+
+# -- generated images ---------------------------------------------------------------------------------
+def _pattern(h, w, seed):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) * 127 // max(h + w - 2, 1)], -1)
+    return np.clip(base + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def write_good_images(folder: Path, n: int = 5, start: int = 0):
+    """``n`` small RGB JPEGs/PNGs of different sizes and aspect ratios."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + n):
+        path = folder / f"img_{i:02d}.{'jpg' if i % 2 else 'png'}"
+        Image.fromarray(_pattern(30 + 3 * i, 40 - 2 * i, i)).save(path)
+        paths.append(path)
+    return paths
+
+
+def write_odd_images(folder: Path):
+    """Images in every awkward mode that must work."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = _pattern(36, 48, 7)
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")  # L
+    rgba = np.concatenate([rgb, np.full((36, 48, 1), 128, np.uint8)], -1)
+    Image.fromarray(rgba).save(folder / "rgba.png")
+    Image.fromarray(rgb[..., 1].astype(np.uint16) * 257).save(folder / "gray16.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.gif", transparency=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display = rotate 90 degrees clockwise
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    return sorted(folder.iterdir())
+
+
+def write_bad_inputs(folder: Path):
+    """Inputs that must be skipped with a reason, {name: reason fragment}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt.bak").write_text("not an image\n")
+    good = folder / "_tmp.jpg"
+    Image.fromarray(_pattern(40, 40, 1)).save(good)
+    data = good.read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    good.unlink()
+    os.symlink(folder / "does_not_exist.png", folder / "broken_link.png")
+    os.mkfifo(folder / "pipe.png")
+    return {"empty.jpg": "empty file", "notes.txt.bak": "not an image", "truncated.jpg": "corrupt image",
+            "broken_link.png": "not found", "pipe.png": "not a regular file"}
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    write_good_images(folder, 5)
+    return folder
+
+
+def _index(out):
+    return [json.loads(line) for line in (Path(out) / "index.jsonl").read_text().splitlines()]
+
+
+def _direct(model, paths, pre, batch_size, pool="none"):
+    """The feature model called directly on the preprocessed images, batched as extraction batches them."""
+    levels = None
+    with torch.inference_mode():
+        for i in range(0, len(paths), batch_size):
+            batch = torch.stack([torch.from_numpy(pre.load(p)) for p in paths[i:i + batch_size]])
+            feats = model(pre.normalize(batch))
+            if pool == "avg":
+                feats = [f.mean(dim=(2, 3)) for f in feats]
+            levels = [[] for _ in feats] if levels is None else levels
+            for acc, f in zip(levels, feats):
+                acc.append(f)
+    return [torch.cat(acc) for acc in levels]
+
+
+# -- preprocessing ------------------------------------------------------------------------------------
+def test_preprocess_follows_the_cfg():
+    cfg = fz.create_model(MODEL).default_cfg
+    pre = Preprocess.from_cfg(cfg)
+    assert pre.size == tuple(cfg.input_size[1:]) and pre.resize == (256, 256)  # 224 / crop_pct 0.875
+    assert pre.mean == cfg.mean and pre.std == cfg.std and pre.interpolation == cfg.interpolation
+    assert Preprocess.from_cfg(cfg, size=(64, 96)).resize == (73, 109)
+
+
+def test_preprocess_is_resize_then_centre_crop():
+    """One resize(box=) call equals resizing the shorter side then cropping the centre."""
+    pre = Preprocess.from_cfg(fz.create_model(MODEL).default_cfg, size=(48, 48), jpeg_draft=False)
+    src = Image.fromarray(_pattern(90, 150, 3))
+    ours = pre.apply(src.copy()).astype(int)
+    rh = pre.resize[0]  # shorter side (90) -> 54, longer side 150 -> 90
+    resized = src.resize((round(150 * rh / 90), rh), Image.Resampling.BILINEAR)
+    left, top = int(round((resized.width - 48) / 2)), int(round((resized.height - 48) / 2))
+    ref = np.asarray(resized.crop((left, top, left + 48, top + 48))).astype(int)
+    assert ours.shape == (48, 48, 3)
+    assert np.abs(ours - ref).mean() < 2.0
+
+
+def test_normalize_uses_mean_and_std():
+    pre = Preprocess.from_cfg(fz.create_model(MODEL).default_cfg, size=(4, 4))
+    batch = torch.full((2, 4, 4, 3), 255, dtype=torch.uint8)
+    x = pre.normalize(batch)
+    assert x.shape == (2, 3, 4, 4) and x.dtype == torch.float32
+    expected = (1 - torch.tensor(pre.mean)) / torch.tensor(pre.std)
+    torch.testing.assert_close(x[0, :, 0, 0], expected)
+    assert pre.normalize(batch, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_odd_image_modes_work(tmp_path):
+    pre = Preprocess.from_cfg(fz.create_model(MODEL).default_cfg, size=(32, 32))
+    for path in write_odd_images(tmp_path):
+        arr = pre.load(path)
+        assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8, path.name
+    # 16-bit: scaled into 8 bits, not clipped to white
+    gray16 = pre.load(tmp_path / "gray16.png")
+    gray8 = pre.load(tmp_path / "gray.png")  # not the same channel: only compare the range
+    assert 40 < gray16.mean() < 215 and gray8.std() > 0 and gray16.std() > 10
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = np.zeros((40, 80, 3), np.uint8)
+    stored[:, :40] = (255, 0, 0)  # left half red, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display = stored rotated 90 degrees clockwise: the red half ends up on top
+    Image.fromarray(stored).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    pre = Preprocess(size=(40, 40), resize=(40, 40), interpolation="bilinear", mean=(0, 0, 0), std=(1, 1, 1))
+    arr = pre.load(tmp_path / "r.jpg").astype(int)
+    assert arr[:15, :, 0].mean() > 200 and arr[:15, :, 1].mean() < 60  # top: red
+    assert arr[-15:, :, 0].mean() < 60  # bottom: black
+
+
+def test_jpeg_draft_decodes_big_jpegs_smaller(tmp_path):
+    Image.fromarray(_pattern(400, 600, 0)).save(tmp_path / "big.jpg", quality=95)
+    cfg = fz.create_model(MODEL).default_cfg
+    fast = Preprocess.from_cfg(cfg, size=(64, 64)).load(tmp_path / "big.jpg").astype(int)
+    exact = Preprocess.from_cfg(cfg, size=(64, 64), jpeg_draft=False).load(tmp_path / "big.jpg").astype(int)
+    assert np.abs(fast - exact).mean() < 4  # same picture, a slightly different decoder path
+
+
+def test_bad_inputs_have_reasons(tmp_path):
+    pre = Preprocess.from_cfg(fz.create_model(MODEL).default_cfg, size=(32, 32))
+    for name, reason in write_bad_inputs(tmp_path).items():
+        with pytest.raises(SkippedImage, match=reason):
+            pre.load(tmp_path / name)
+
+
+# -- collecting inputs ---------------------------------------------------------------------------------------
+def test_collect_inputs_sorted_recursive_deduplicated(tmp_path):
+    write_good_images(tmp_path / "b", 2)
+    write_good_images(tmp_path / "a" / "deep", 2)
+    (tmp_path / "a" / ".hidden.jpg").write_bytes(b"x")
+    (tmp_path / "list.txt").write_text("# a comment\n\nb/img_00.png\nmissing.jpg\n")
+    paths = collect_inputs([tmp_path / "b", tmp_path / "a", tmp_path / "list.txt", tmp_path / "b" / "img_01.jpg"])
+    expected = sorted(str(p) for p in [*(tmp_path / "b").iterdir(), *(tmp_path / "a" / "deep").iterdir(),
+                                       tmp_path / "missing.jpg"])
+    assert paths == expected
+    with pytest.raises(ExtractError, match="does not exist"):
+        collect_inputs([tmp_path / "nope"])
+
+
+def test_batches_hold_the_sorted_inputs(tmp_path):
+    paths = [str(p) for p in write_good_images(tmp_path, 5)]
+    ds = ImageBatches(paths, 2, Preprocess.from_cfg(fz.create_model(MODEL).default_cfg, size=(16, 16)))
+    assert len(ds) == 3
+    k, batch, rows, skipped = ds[2]
+    assert (k, tuple(batch.shape), rows, skipped) == (2, (1, 16, 16, 3), [4], [])
+
+
+def test_auto_workers_decode_in_process_when_decoding_is_cheap():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_workers(0.06, cpu, cores=2) == 0  # resnet50 on 2 cores: workers cost more than they save
+    assert choose_workers(0.8, cpu, cores=2) == 2  # mobilenet_v3_small: decoding dominates
+    assert choose_workers(0.3, cpu, cores=16) == 1 and choose_workers(3.0, cpu, cores=16) == 5
+    assert choose_workers(0.01, cuda, cores=16) == 1 and choose_workers(40.0, cuda, cores=16) == 15
+
+
+# -- extraction ----------------------------------------------------------------------------------------------
+def test_rows_equal_the_feature_model_on_the_same_tensors(tmp_path, images):
+    """With a checkpoint: stored rows == the model loaded from it, called on the same preprocessed batches."""
+    ckpt = tmp_path / "w.safetensors"
+    torch.manual_seed(123)
+    fz.save_checkpoint(fz.create_model(MODEL, features_only=True), ckpt)
+    out = tmp_path / "out"
+    summary = extract_features(MODEL, [images], out, checkpoint_path=ckpt, **RUN)
+    assert (summary.images, summary.skipped, summary.complete) == (5, 0, True)
+    feats = load_features(out)
+    assert feats.paths == sorted(str(p) for p in images.iterdir())
+    model = build_feature_model(MODEL, "pyramid", checkpoint_path=ckpt)
+    pre = Preprocess.from_cfg(model.default_cfg, SIZE)
+    expected = _direct(model, feats.paths, pre, RUN["batch_size"])
+    assert list(feats.levels) == model.feature_info.module_name()
+    for got, want in zip(feats.levels.values(), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    meta = feats.meta
+    assert meta["settings"]["weights"]["source"] == "checkpoint"
+    assert meta["settings"]["levels"][0]["shape"] == list(expected[0].shape[1:])
+    assert {"torch", "pillow", "featurezoo", "safetensors"} <= set(meta["versions"])
+
+
+def test_pooled_rows_and_dtype(tmp_path, images):
+    out = tmp_path / "out"
+    extract_features(MODEL, [images], out, pool="avg", dtype="bfloat16", out_indices=[-2, -1], size=SIZE,
+                     batch_size=2, workers=1)
+    feats = load_features(out)
+    assert [tuple(t.shape) for t in feats.levels.values()] == [(5, 256), (5, 512)]
+    assert all(t.dtype == torch.bfloat16 for t in feats.levels.values())
+    model = build_feature_model(MODEL, [-2, -1]).to(torch.bfloat16)
+    pre = Preprocess.from_cfg(model.default_cfg, SIZE)
+    with torch.inference_mode():
+        batch = torch.stack([torch.from_numpy(pre.load(p)) for p in feats.paths[:2]])
+        want = [f.mean(dim=(2, 3)) for f in model(pre.normalize(batch, torch.bfloat16))]
+    for got, w in zip(feats.levels.values(), want):
+        torch.testing.assert_close(got[:2], w, rtol=0, atol=0)
+
+
+def test_unusable_inputs_are_skipped_counted_and_listed(tmp_path, images):
+    reasons = write_bad_inputs(images)
+    write_odd_images(images / "odd")
+    out = tmp_path / "out"
+    summary = extract_features(MODEL, [images], out, **RUN)
+    assert summary.skipped == len(reasons) and summary.images == 5 + 5 and summary.complete
+    index = _index(out)
+    assert [r["path"] for r in index] == collect_inputs([images])  # every input, once, in order
+    skipped = {Path(r["path"]).name: r["skipped"] for r in index if "skipped" in r}
+    assert set(skipped) == set(reasons)
+    for name, fragment in reasons.items():
+        assert fragment in skipped[name]
+    feats = load_features(out)
+    assert len(feats.paths) == 10 and all(Path(p).name not in reasons for p in feats.paths)
+    assert {Path(p).name for p, _ in feats.skipped} == set(reasons)
+    assert all(t.shape[0] == 10 for t in feats.levels.values())
+
+
+def test_index_rows_point_into_shards(tmp_path, images):
+    out = tmp_path / "out"
+    extract_features(MODEL, [images], out, **RUN)
+    index = _index(out)
+    shards = sorted(p.name for p in (out / "shards").iterdir())
+    assert shards == ["000000.safetensors", "000001.safetensors"]  # 5 images, batch 3
+    assert [(r["shard"], r["row"]) for r in index] == [("shards/000000.safetensors", 0),
+                                                        ("shards/000000.safetensors", 1),
+                                                        ("shards/000000.safetensors", 2),
+                                                        ("shards/000001.safetensors", 0),
+                                                        ("shards/000001.safetensors", 1)]
+    with safe_open(str(out / "shards" / "000001.safetensors"), "pt") as f:
+        assert f.get_tensor("layer4").shape[0] == 2
+    assert [len(p) for p, _ in iter_shards(out)] == [3, 2]
+
+
+def test_resume_repairs_a_torn_run(tmp_path, images):
+    """What a kill can leave behind: a torn index line, a shard renamed but never indexed, a temp file."""
+    write_good_images(images, 4, start=5)
+    full = tmp_path / "full"
+    extract_features(MODEL, [images], full, **{**RUN, "workers": None})  # auto: 2 batches timed in-process, then 1
+    out = tmp_path / "out"
+    extract_features(MODEL, [images], out, **RUN)
+    index = (out / "index.jsonl").read_bytes()
+    lines = index.splitlines(keepends=True)
+    (out / "index.jsonl").write_bytes(b"".join(lines[:4]) + lines[4][:10])  # batch 1 incomplete, line torn
+    (out / "shards" / ".000002.safetensors.123.tmp").write_bytes(b"partial")
+    meta = json.loads((out / "meta.json").read_text())
+    meta["status"]["complete"] = False
+    (out / "meta.json").write_text(json.dumps(meta))
+    summary = extract_features(MODEL, [images], out, **RUN)
+    assert summary.resumed_batches == 1 and summary.new_images == 6 and summary.complete
+    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]
+    assert (out / "index.jsonl").read_bytes() == (full / "index.jsonl").read_bytes()
+    a, b = load_features(full), load_features(out)
+    assert a.paths == b.paths and len(set(b.paths)) == 9
+    for name in a.levels:
+        assert torch.equal(a.levels[name], b.levels[name])
+
+
+def test_a_finished_run_is_not_redone(tmp_path, images):
+    out = tmp_path / "out"
+    extract_features(MODEL, [images], out, **RUN)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    again = extract_features(MODEL, [images], out, **RUN)
+    assert (again.new_images, again.images, again.complete) == (0, 5, True)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == before
+
+
+@pytest.mark.parametrize("change, setting, stored", [
+    (dict(pool="avg"), "pool", "avg"),
+    (dict(out_indices=[1, 2]), "out_indices", [1, 2]),
+    (dict(size=(48, 48)), "size", [48, 48]),
+    (dict(dtype="bfloat16"), "dtype", "bfloat16"),
+    (dict(batch_size=2), "batch_size", 2),
+])
+def test_different_settings_refuse_to_mix(tmp_path, images, change, setting, stored):
+    out = tmp_path / "out"
+    extract_features(MODEL, [images], out, **RUN)
+    index = (out / "index.jsonl").read_bytes()
+    with pytest.raises(ExtractError, match=rf"different settings: {setting} was .*; rerun .* --overwrite"):
+        extract_features(MODEL, [images], out, **{**RUN, **change})
+    assert (out / "index.jsonl").read_bytes() == index
+    summary = extract_features(MODEL, [images], out, overwrite=True, **{**RUN, **change})
+    feats = load_features(out)
+    assert summary.complete and len(feats.paths) == 5 and feats.meta["settings"][setting] == stored
+
+
+def test_different_inputs_or_weights_refuse_to_mix(tmp_path, images):
+    out = tmp_path / "out"
+    extract_features(MODEL, [images], out, **RUN)
+    write_good_images(images, 1, start=7)
+    with pytest.raises(ExtractError, match=r"inputs differ: 1 new \(e\.g\. .*img_07"):
+        extract_features(MODEL, [images], out, **RUN)
+    ckpt = tmp_path / "w.safetensors"
+    fz.save_checkpoint(fz.create_model(MODEL, features_only=True), ckpt)
+    with pytest.raises(ExtractError, match="different settings: weights"):
+        extract_features(MODEL, [images / "img_00.png", images / "img_01.jpg", images / "img_02.png",
+                                 images / "img_03.jpg", images / "img_04.png"], out, checkpoint_path=ckpt, **RUN)
+
+
+def test_foreign_directory_is_never_used(tmp_path, images):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(ExtractError, match="holds no featurezoo features"):
+            extract_features(MODEL, [images], out, overwrite=overwrite, **RUN)
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_output_folder_inside_the_input_folder_is_not_an_input(tmp_path, images):
+    extract_features(MODEL, [images], images / "feats", **RUN)
+    summary = extract_features(MODEL, [images], images / "feats", **RUN)  # same inputs: not its own files
+    assert summary.inputs == 5 and summary.complete
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(model_name="resnet_18"), "Unknown model 'resnet_18'; did you mean resnet18"),
+    (dict(out_indices=[7]), "out_indices entry 7 is out of range"),
+    (dict(out_indices=[1, 1]), "twice"),
+    (dict(pool="mean"), "pool 'mean' is not valid"),
+    (dict(dtype="float64"), "dtype 'float64' is not supported"),
+    (dict(batch_size=0), "batch size must be a positive integer"),
+    (dict(checkpoint_path="nope.pt"), "checkpoint 'nope.pt' does not exist"),
+    (dict(device="tpu"), "device 'tpu'"),
+    (dict(inputs="EMPTY"), "no images found in"),
+    (dict(inputs="TEXT"), "none of them an image"),
+    (dict(out_dir="UNDER_FILE"), "is not a directory"),
+])
+def test_bad_arguments_write_nothing(tmp_path, images, kwargs, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "readme.md").write_text("hello")
+    special = {"EMPTY": [tmp_path / "empty"], "TEXT": [tmp_path / "text"], "UNDER_FILE": images / "img_00.png" / "o"}
+    args = dict(model_name=MODEL, inputs=[images], out_dir=tmp_path / "out", **RUN)
+    args.update({k: special.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()})
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=message):
+        extract_features(args.pop("model_name"), args.pop("inputs"), args.pop("out_dir"), **args)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_second_writer_is_refused(tmp_path, images):
+    import fcntl
+
+    out = tmp_path / "out"
+    extract_features(MODEL, [images], out, **RUN)
+    (out / "index.jsonl").write_bytes(b"")  # make it look unfinished
+    meta = json.loads((out / "meta.json").read_text())
+    meta["status"]["complete"] = False
+    (out / "meta.json").write_text(json.dumps(meta))
+    with open(out / ".lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(ExtractError, match="another featurezoo process"):
+            extract_features(MODEL, [images], out, **RUN)
