@@ -57,3 +57,12 @@ def test_mindspore_defaults_and_bad_pad_mode():
         Conv2d(3, 8, 3, pad_mode="spam")
     with pytest.raises(ValueError, match="needs pad_mode='pad'"):
         MaxPool2d(3, 2, pad_mode="same", padding=1)
+
+
+@pytest.mark.parametrize("pads", [(0, 1, 0, 1), (1, 2, 0, 0), (0, 0, 2, 1), (1, 1, 1, 1)])
+def test_pad2d_equals_f_pad(pads):
+    from featurezoo.layers.padding import pad2d
+
+    x = torch.randn(2, 3, 5, 6)
+    torch.testing.assert_close(pad2d(x, *pads), F.pad(x, pads))
+    torch.testing.assert_close(pad2d(x, *pads, value=float("-inf")), F.pad(x, pads, value=float("-inf")))

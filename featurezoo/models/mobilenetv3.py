@@ -78,9 +78,9 @@ class Bottleneck(nn.Module):
         layers: List[nn.Module] = []
         if in_channels != mid_channels:
             layers += [nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels),
-                       self.activation()]
+                       self.activation(inplace=True)]
         layers += [Conv2d(mid_channels, mid_channels, kernel_size, stride, pad_mode="same", group=mid_channels),
-                   nn.BatchNorm2d(mid_channels), self.activation()]
+                   nn.BatchNorm2d(mid_channels), self.activation(inplace=True)]
         if use_se:
             layers.append(SqueezeExcite(mid_channels, 1.0 / 4, act_layer=nn.ReLU, gate_layer=nn.Hardsigmoid))
         layers += [nn.Conv2d(mid_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)]
@@ -115,7 +115,7 @@ class MobileNetV3(nn.Module):
         features: List[nn.Module] = [
             nn.Conv2d(in_channels, input_channels, 3, 2, padding=1, bias=False),
             nn.BatchNorm2d(input_channels),
-            nn.Hardswish(),
+            nn.Hardswish(inplace=True),
         ]
         reduction = 2
         self.feature_info = [dict(chs=input_channels, reduction=reduction, name=f"features.{len(features) - 1}")]
@@ -130,7 +130,7 @@ class MobileNetV3(nn.Module):
         # MindCV widens the head by 6x the last block (not a scaled 960/576).
         output_channels = input_channels * 6
         features += [nn.Conv2d(input_channels, output_channels, 1, bias=False), nn.BatchNorm2d(output_channels),
-                     nn.Hardswish()]
+                     nn.Hardswish(inplace=True)]
         self.feature_info.append(dict(chs=output_channels, reduction=reduction, name=f"features.{len(features) - 1}"))
         self.flatten_sequential = True
         self.features = nn.Sequential(*features)

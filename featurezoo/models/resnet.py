@@ -34,7 +34,7 @@ class BasicBlock(nn.Module):
         norm = norm or nn.BatchNorm2d
         self.conv1 = _conv(in_channels, channels, 3, stride)
         self.bn1 = norm(channels)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)  # only ever applied to a fresh BN output or sum
         self.conv2 = _conv(channels, channels, 3)
         self.bn2 = norm(channels)
         self.down_sample = down_sample
@@ -61,7 +61,7 @@ class Bottleneck(nn.Module):
         self.bn2 = norm(width)
         self.conv3 = _conv(width, channels * self.expansion, 1)
         self.bn3 = norm(channels * self.expansion)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)  # only ever applied to a fresh BN output or sum
         self.down_sample = down_sample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ class ResNet(nn.Module):
 
         self.conv1 = _conv(in_channels, self.input_channels, 7, stride=2)
         self.bn1 = self.norm(self.input_channels)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)  # only ever applied to a fresh BN output or sum
         reduction = 2
         self.feature_info = [dict(chs=self.input_channels, reduction=reduction, name="relu")]
         self.max_pool = MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
