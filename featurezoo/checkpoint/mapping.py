@@ -104,8 +104,8 @@ def map_names(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Siz
     if ema:
         if not ema_keys:
             raise CheckpointError(
-                f"ema=True but the checkpoint has no EMA weights (no 'ema.'-prefixed names and no EMA container); "
-                f"load it with ema=False"
+                "ema=True but the checkpoint has no EMA weights (no 'ema.'-prefixed names and no EMA container); "
+                "load it with ema=False"
             )
         src = {k[len("ema."):]: v for k, v in ema_keys.items()}
     else:

@@ -9,7 +9,7 @@ built-in padding is used instead of an explicit pad.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import List, Tuple, Union
 
 import torch
 import torch.nn as nn
