@@ -10,7 +10,6 @@ in the resolution their (unpublished) weights were meant for.
 """
 from __future__ import annotations
 
-import math
 from typing import List
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn as nn
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import GlobalAvgPooling
 from ..layers.helpers import make_divisible
+from ..layers.init import init_fan_out_normal
 from ..registry import register_model
 
 __all__ = ["MobileNetV2", "InvertedResidual"]
@@ -104,21 +104,7 @@ class MobileNetV2(nn.Module):
         self.pool = GlobalAvgPooling()
         self.num_features = last_channels
         self.classifier = nn.Sequential(nn.Dropout(p=0.2), nn.Linear(last_channels, num_classes))
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_fan_out_normal(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

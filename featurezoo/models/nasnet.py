@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import AvgPool2d, GlobalAvgPooling, MaxPool2d
+from ..layers.init import init_fan_out_normal
 from ..registry import register_model
 
 __all__ = ["NASNetAMobile", "CellStem0", "CellStem1", "FirstCell", "NormalCell", "ReductionCell0",
@@ -316,7 +317,7 @@ class NASNetAMobile(nn.Module):
         self._chain = [name for name, _, _ in levels]
         self.feature_info = [dict(chs=chs, reduction=red, name=name) for i, (name, chs, red) in enumerate(levels)
                              if i + 1 == len(levels) or levels[i + 1][2] != red]
-        self._initialize_weights()
+        init_fan_out_normal(self)
 
     def _add_cell(self, name: str, cls: type, out_left: int, out_right: int, levels: List[Tuple[str, int, int]],
                   stride: int = 1) -> None:
@@ -325,20 +326,6 @@ class NASNetAMobile(nn.Module):
         cell = cls(in_left, out_left, in_right, out_right)
         self.add_module(name, cell)
         levels.append((name, cell.out_channels, reduction * stride))
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, (2.0 / n) ** 0.5)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
         """The ``feature_info`` entries ``indices`` (ascending), computing nothing past the deepest one."""

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import GlobalAvgPooling, MaxPool2d
+from ..layers.init import init_fan_out_normal
 from ..registry import register_model
 
 __all__ = ["Pnasnet", "CellStem0", "Cell"]
@@ -248,21 +249,7 @@ class Pnasnet(nn.Module):
         self._chain = [name for name, _, _ in levels]
         self.feature_info = [dict(chs=chs, reduction=red, name=name) for i, (name, chs, red) in enumerate(levels)
                              if i + 1 == len(levels) or levels[i + 1][2] != red]
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, (2.0 / n) ** 0.5)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_fan_out_normal(self)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
         """The ``feature_info`` entries ``indices`` (ascending), computing nothing past the deepest one."""
