@@ -1,15 +1,17 @@
 """featurezoo: vision backbones with multi-scale feature extraction (MindCV-compatible)."""
-from .builder import ModelCfg, build_model_with_cfg
+from .builder import build_model_with_cfg
+from .cfg import ModelCfg
 from .checkpoint import CheckpointError, LoadReport, load_checkpoint, save_checkpoint
 from .factory import create_model
 from .features import FeatureExtractWrapper, FeatureInfo, get_feature_info
-from .registry import is_model, list_models, list_modules, model_entrypoint, register_model
+from .registry import (build_on_meta, get_model_cfg, is_model, list_models, list_modules, model_entrypoint,
+                       register_model)
 from . import models  # noqa: F401  (registers the model zoo)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "create_model", "list_models", "list_modules", "is_model", "model_entrypoint", "register_model",
-    "build_model_with_cfg", "ModelCfg", "FeatureInfo", "FeatureExtractWrapper", "get_feature_info",
-    "load_checkpoint", "save_checkpoint", "LoadReport", "CheckpointError",
+    "get_model_cfg", "build_on_meta", "build_model_with_cfg", "ModelCfg", "FeatureInfo", "FeatureExtractWrapper",
+    "get_feature_info", "load_checkpoint", "save_checkpoint", "LoadReport", "CheckpointError",
 ]

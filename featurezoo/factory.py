@@ -1,12 +1,16 @@
-"""``create_model``: MindCV's signature and meaning, on PyTorch."""
+"""``create_model``: MindCV's signature and meaning, on PyTorch.
+
+Layer: imports :mod:`featurezoo.registry` and :mod:`featurezoo.checkpoint`; the
+builders it calls (family modules) use :mod:`featurezoo.builder`.
+"""
 from __future__ import annotations
 
 from typing import Any, Sequence, Union
 
 import torch.nn as nn
 
-from .builder import creating_model
-from .registry import model_entrypoint
+from .checkpoint import load_checkpoint
+from .registry import call_builder
 
 __all__ = ["create_model"]
 
@@ -48,17 +52,11 @@ def create_model(
     """
     if checkpoint_path and pretrained:
         raise ValueError("checkpoint_path and pretrained=True are mutually exclusive; pass one of them")
-    create_fn = model_entrypoint(model_name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if features_only or out_indices is not None:
         kwargs.update(features_only=features_only, out_indices=out_indices)
-    token = creating_model.set(model_name)
-    try:
-        model = create_fn(pretrained=pretrained, num_classes=num_classes, in_channels=in_channels, **kwargs)
-    finally:
-        creating_model.reset(token)
+    model = call_builder(model_name, pretrained=pretrained, num_classes=num_classes, in_channels=in_channels,
+                         **kwargs)
     if checkpoint_path:
-        from .checkpoint import load_checkpoint
-
         load_checkpoint(model, checkpoint_path, ema=ema, auto_mapping=auto_mapping)
     return model

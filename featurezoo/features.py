@@ -13,32 +13,42 @@ guide). :class:`FeatureExtractWrapper` then serves one of three kinds of model:
   is accepted and implied.
 * **rewritten** (scenario 3, ``is_rewritten = True``): ``forward_features``
   returns one tensor per ``feature_info`` entry.
-* **intermediates** (our extension for models whose forward is not a chain of
+* **levels** (our extension for models whose forward is not a chain of
   modules: HRNet, DPN, Inception, ViTs): the model implements
-  ``forward_intermediates(x, indices)`` and ``prune_intermediates(indices)``,
-  so the same forward code serves the classifier and the backbone, and what
-  the requested outputs do not need is neither held nor computed.
+  ``forward_levels(x, indices)`` (the ``feature_info`` entries ``indices``, in
+  ascending order, computing nothing past the deepest) and
+  ``prune_levels(indices)`` (delete the head and everything past the deepest),
+  so the same forward code serves the classifier and the backbone. Both start
+  with :func:`take_levels`. (The names are not timm's ``forward_intermediates``
+  / ``prune_intermediate_layers``, whose signatures and return values differ.)
 
-The wrapper holds the model's own modules, parameters and buffers under their
-own names, so ``state_dict()`` keys are the full model's keys for what it kept.
+:class:`FeatureExtractWrapper` picks one of three small classes
+(:class:`SequentialFeatures`, :class:`LevelFeatures`, :class:`RewrittenFeatures`);
+each holds the model's own modules, parameters and buffers under their own
+names, so ``state_dict()`` keys are the full model's keys for what it kept.
+
+Layer: imports :mod:`featurezoo.registry` (for meta-device builds) only.
 """
 from __future__ import annotations
 
-import functools
 import logging
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["FeatureInfo", "FeatureExtractWrapper", "normalize_out_indices", "get_feature_info",
-           "supports_features", "PYRAMID"]
+from .registry import build_on_meta
+
+__all__ = ["FeatureInfo", "FeatureExtractWrapper", "SequentialFeatures", "LevelFeatures", "RewrittenFeatures",
+           "normalize_out_indices", "take_levels", "get_feature_info", "PYRAMID"]
 
 _logger = logging.getLogger(__name__)
 
 PYRAMID = "pyramid"
-_REQUIRED_KEYS = ("chs", "reduction", "name")
+# A sequential model's feature module may output channels-last maps (a user's Swin-like blocks):
+# declare fmt="NHWC" on its entry and the wrapper returns it NCHW.
 _FORMATS = ("NCHW", "NHWC")
+_REQUIRED_KEYS = ("chs", "reduction", "name")
 
 
 class FeatureInfo:
@@ -77,6 +87,9 @@ class FeatureInfo:
         name = entry["name"]
         if not isinstance(name, str) or not name:
             raise ValueError(f"{where}['name'] must be a module name (str), got {name!r}")
+        fmt = entry.get("fmt", "NCHW")
+        if fmt not in _FORMATS:
+            raise ValueError(f"{where}['fmt'] = {fmt!r}; valid: {list(_FORMATS)}")
         if module is not None:
             try:
                 module.get_submodule(name)
@@ -86,9 +99,6 @@ class FeatureInfo:
                     f"{where}['name'] = {name!r} is not a module of the model; names are named_modules() paths, "
                     f"top-level modules are: {top}"
                 ) from None
-        fmt = entry.get("fmt", "NCHW")
-        if fmt not in _FORMATS:
-            raise ValueError(f"{where}['fmt'] = {fmt!r}; valid: {list(_FORMATS)}")
         return dict(entry)
 
     # -- selection -----------------------------------------------------------------
@@ -249,20 +259,49 @@ def _prune_after(model: nn.Module, steps: List[Tuple[str, nn.Module]]) -> None:
     prune(model, "")
 
 
+def take_levels(indices: Sequence[int], num_levels: int) -> Tuple[FrozenSet[int], int]:
+    """The start of every ``forward_levels`` / ``prune_levels``: the set of requested
+    ``feature_info`` entries and the deepest one, checked (``ValueError`` if empty or out of range)."""
+    take = frozenset(indices)
+    if not take or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_levels for i in take):
+        raise ValueError(f"levels {list(indices)!r}: need one or more ints in 0..{num_levels - 1} "
+                         f"(normalise out_indices with normalize_out_indices first)")
+    return take, max(take)
+
+
 class FeatureExtractWrapper(nn.Module):
     """A backbone that returns the feature maps of the selected ``feature_info`` entries.
 
-    Assumptions (as MindCV's and torchvision's ``IntermediateLayerGetter``):
-    in a sequential model, top-level modules are registered in the order they
-    are called and none is called twice.
+    ``FeatureExtractWrapper(model, out_indices)`` returns an instance of the one
+    of its three subclasses that serves ``model``: :class:`LevelFeatures` if it
+    implements ``forward_levels``, :class:`RewrittenFeatures` if it sets
+    ``is_rewritten``, :class:`SequentialFeatures` otherwise.
 
     Attributes:
         out_indices: the selected entries, in the order outputs are returned.
         feature_info: :class:`FeatureInfo` of the selected entries, same order.
         out_channels: their channel counts (MindCV's name).
+        full_state_keys: the complete model's ``state_dict`` keys, so a loader
+            can tell "pruned here" from "unknown".
 
     The forward returns a list of NCHW tensors, one per selected entry.
     """
+
+    def __new__(cls, model: Optional[nn.Module] = None, *args: Any, **kwargs: Any) -> "FeatureExtractWrapper":
+        # model is None when copy/pickle re-create an instance of the concrete subclass.
+        if cls is FeatureExtractWrapper:
+            if model is None:
+                raise ValueError("FeatureExtractWrapper(model, out_indices): a model is required")
+            if callable(getattr(model, "forward_levels", None)):
+                cls = LevelFeatures
+            elif getattr(model, "is_rewritten", False):
+                cls = RewrittenFeatures
+            else:
+                cls = SequentialFeatures
+        return super().__new__(cls)
+
+    # Names are module paths, except for a model that computes its own levels: there they are labels.
+    _names_are_modules = True
 
     def __init__(self, model: nn.Module, out_indices: Union[Sequence[int], str, None] = None,
                  model_name: Optional[str] = None):
@@ -270,9 +309,7 @@ class FeatureExtractWrapper(nn.Module):
         name = model_name or getattr(getattr(model, "default_cfg", None), "name", "") or type(model).__name__
         if not hasattr(model, "feature_info"):
             raise ValueError(f"{name} does not support features_only: it registers no feature_info")
-        intermediates = callable(getattr(model, "forward_intermediates", None))
-        # Names are module paths, except for a model that computes its own features: there they are labels.
-        full_info = FeatureInfo(model.feature_info, name, module=None if intermediates else model)
+        full_info = FeatureInfo(model.feature_info, name, module=model if self._names_are_modules else None)
         indices = normalize_out_indices(out_indices, full_info)
 
         self.model_name = name
@@ -281,22 +318,8 @@ class FeatureExtractWrapper(nn.Module):
         self.out_channels = self.feature_info.channels()
         self.default_cfg = getattr(model, "default_cfg", None)
         self._full_feature_info = full_info
-        # Names of the complete model, so a loader can tell "pruned here" from "unknown".
         self.full_state_keys = frozenset(model.state_dict())
-
-        if intermediates:
-            self._mode = "intermediates"
-            model.prune_intermediates(indices)
-        elif getattr(model, "is_rewritten", False):
-            self._mode = "rewritten"
-            self._drop_classifier(model)
-        else:
-            self._mode = "sequential"
-            names = [full_info.module_name(i) for i in indices]
-            self._steps = _sequential_plan(model, names, name)
-            _prune_after(model, self._steps)
-            self._capture = {n: pos for pos, n in enumerate(names)}
-            self._to_nchw = {n for n, i in zip(names, indices) if full_info[i].get("fmt", "NCHW") == "NHWC"}
+        self._prune(model, full_info, indices)
         # Hold the model's own containers: state_dict keys stay the model's keys.
         self._modules = model._modules
         self._parameters = model._parameters
@@ -305,7 +328,62 @@ class FeatureExtractWrapper(nn.Module):
         object.__setattr__(self, "_backbone", model)
         self.train(model.training)
 
-    def _drop_classifier(self, model: nn.Module) -> None:
+    def _prune(self, model: nn.Module, info: FeatureInfo, indices: List[int]) -> None:
+        """Drop what the selected outputs do not need (and remember how to compute them)."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> "FeatureExtractWrapper":
+        self._backbone.train(mode)
+        self.training = mode
+        return self
+
+    def extra_repr(self) -> str:
+        return f"model={self.model_name}, out_indices={self.out_indices}"
+
+
+class SequentialFeatures(FeatureExtractWrapper):
+    """The guide's scenarios 1 and 2: the model's forward is its top-level children
+    called in registration order, each once (as torchvision's ``IntermediateLayerGetter``
+    assumes). Containers holding a feature are entered if they are ``nn.Sequential``."""
+
+    def _prune(self, model: nn.Module, info: FeatureInfo, indices: List[int]) -> None:
+        names = [info.module_name(i) for i in indices]
+        self._steps = _sequential_plan(model, names, self.model_name)
+        _prune_after(model, self._steps)
+        self._capture = {n: pos for pos, n in enumerate(names)}
+        self._to_nchw = {n for n, i in zip(names, indices) if info[i].get("fmt", "NCHW") == "NHWC"}
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        out: List[Optional[torch.Tensor]] = [None] * len(self.out_indices)
+        for name, module in self._steps:
+            x = module(x)
+            pos = self._capture.get(name)
+            if pos is not None:
+                out[pos] = x.permute(0, 3, 1, 2) if name in self._to_nchw else x
+        return out  # type: ignore[return-value]
+
+
+class LevelFeatures(FeatureExtractWrapper):
+    """Models that compute their own levels (``forward_levels`` / ``prune_levels``):
+    one forward path shared with the classifier, stopped at the deepest level asked for."""
+
+    _names_are_modules = False
+
+    def _prune(self, model: nn.Module, info: FeatureInfo, indices: List[int]) -> None:
+        self._order = sorted(indices)
+        self._position = [self._order.index(i) for i in indices]
+        model.prune_levels(self._order)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        feats = self._backbone.forward_levels(x, self._order)
+        return [feats[p] for p in self._position]
+
+
+class RewrittenFeatures(FeatureExtractWrapper):
+    """The guide's scenario 3 (``is_rewritten = True``): ``forward_features`` returns one
+    tensor per ``feature_info`` entry; the classifier named by the cfg is dropped."""
+
+    def _prune(self, model: nn.Module, info: FeatureInfo, indices: List[int]) -> None:
         cfg = getattr(model, "default_cfg", None)
         for head in getattr(cfg, "classifier_names", ()):
             parent, _, leaf = head.rpartition(".")
@@ -313,53 +391,20 @@ class FeatureExtractWrapper(nn.Module):
             if leaf in owner._modules:
                 del owner._modules[leaf]
 
-    def train(self, mode: bool = True) -> "FeatureExtractWrapper":
-        self._backbone.train(mode)
-        self.training = mode
-        return self
-
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        if self._mode == "sequential":
-            out: List[Optional[torch.Tensor]] = [None] * len(self.out_indices)
-            for name, module in self._steps:
-                x = module(x)
-                pos = self._capture.get(name)
-                if pos is not None:
-                    out[pos] = x.permute(0, 3, 1, 2) if name in self._to_nchw else x
-            return out  # type: ignore[return-value]
-        if self._mode == "intermediates":
-            order = sorted(self.out_indices)
-            feats = self._backbone.forward_intermediates(x, order)
-            by_index = dict(zip(order, feats))
-            return [by_index[i] for i in self.out_indices]
         feats = self._backbone.forward_features(x)
-        if len(feats) != len(self._full_feature_info):
+        if not isinstance(feats, (list, tuple)) or len(feats) != len(self._full_feature_info):
+            got = f"{len(feats)} tensors" if isinstance(feats, (list, tuple)) else f"a {type(feats).__name__}"
             raise RuntimeError(
-                f"{self.model_name}: forward_features returned {len(feats)} tensors but feature_info has "
-                f"{len(self._full_feature_info)} entries; an is_rewritten model must return one per entry"
+                f"{self.model_name}: forward_features returned {got} but feature_info has "
+                f"{len(self._full_feature_info)} entries; an is_rewritten model must return a list with one "
+                f"tensor per entry"
             )
         return [feats[i] for i in self.out_indices]
-
-    def extra_repr(self) -> str:
-        return f"model={self.model_name}, out_indices={self.out_indices}, mode={self._mode}"
 
 
 def get_feature_info(model_name: str, out_indices: Union[Sequence[int], str, None] = None,
                      **kwargs: Any) -> FeatureInfo:
     """Feature info of a registered model, read from a build on the meta device
     (no weights allocated, so it is cheap even for the largest variants)."""
-    from .factory import create_model
-
-    with torch.device("meta"):
-        model = create_model(model_name, features_only=True, out_indices=out_indices, **kwargs)
-    return model.feature_info
-
-
-@functools.lru_cache(maxsize=None)
-def supports_features(model_name: str) -> bool:
-    """Whether ``create_model(model_name, features_only=True)`` works."""
-    from .factory import create_model
-
-    with torch.device("meta"):
-        model = create_model(model_name)
-    return bool(getattr(model, "feature_info", None))
+    return build_on_meta(model_name, features_only=True, out_indices=out_indices, **kwargs).feature_info

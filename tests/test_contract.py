@@ -6,10 +6,11 @@ import torch
 
 import featurezoo as fz
 from tests.reference import load_meta
-from tests.zoo import CONTRACT_SIZES, HUGE_MODELS, META_ONLY_PARAMS, VALID_PADDED, VALID_PADDED_SIZES, ref_args, zoo_models
+from tests.zoo import HUGE_MODELS, META_ONLY_PARAMS, VALID_PADDED_SIZES, ref_args, zoo_models
 
 MODELS = zoo_models()
-SIZES = (64, 67)  # one odd size: reductions must round up like the convs do
+# One square size and one odd, non-square one: reductions must round up like the convs do, per side.
+SIZES = ((64, 64), (67, 83))
 
 
 def _num_params(model, trainable_only=True):
@@ -23,8 +24,9 @@ def test_huge_model_list_is_complete():
 
 
 def _feature_shapes(model, size, device):
+    h, w = (size, size) if isinstance(size, int) else size
     with torch.no_grad():
-        return [tuple(o.shape) for o in model(torch.randn(1, 3, size, size, device=device))]
+        return [tuple(o.shape) for o in model(torch.randn(1, 3, h, w, device=device))]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -34,7 +36,8 @@ def test_feature_shapes_match_feature_info(name):
         model = fz.create_model(name, features_only=True).eval()
     info = model.feature_info
     assert len(info) > 0
-    if name in VALID_PADDED:
+    cfg = fz.get_model_cfg(name)
+    if cfg.valid_padding:
         small, large = VALID_PADDED_SIZES
         for a, b, entry in zip(_feature_shapes(model, small, device), _feature_shapes(model, large, device), info):
             r = entry["reduction"]
@@ -42,12 +45,14 @@ def test_feature_shapes_match_feature_info(name):
             assert b[2] - a[2] == b[3] - a[3] == (large - small) // r, f"{name} {entry['name']}: stride is not {r}"
             assert a[2] <= math.ceil(small / r), f"{name} {entry['name']} larger than ceil(size / reduction)"
         return
-    for size in CONTRACT_SIZES.get(name, SIZES):
+    for size in cfg.input_sides or SIZES:
+        h, w = (size, size) if isinstance(size, int) else size
         shapes = _feature_shapes(model, size, device)
         assert len(shapes) == len(info)
         for shape, entry in zip(shapes, info):
-            expected = (1, entry["chs"], math.ceil(size / entry["reduction"]), math.ceil(size / entry["reduction"]))
-            assert shape == expected, f"{name} {entry['name']} at {size}px"
+            r = entry["reduction"]
+            expected = (1, entry["chs"], math.ceil(h / r), math.ceil(w / r))
+            assert shape == expected, f"{name} {entry['name']} at {h}x{w}px"
 
 
 @pytest.mark.parametrize("name", MODELS)

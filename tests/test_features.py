@@ -315,3 +315,19 @@ def test_feature_wrapper_can_be_used_directly():
     m = FeatureExtractWrapper(DummyNet1(), out_indices=[0])
     assert m.out_channels == [8]
     assert "out_indices=[0]" in repr(m)
+
+
+@pytest.mark.parametrize("name", ["dummynet1", "resnet18", "regnet_x_200mf"])
+def test_feature_models_copy_and_pickle(name):
+    """deepcopy and pickle re-create the concrete feature class (sequential or levels) with its state."""
+    import copy
+    import pickle
+
+    model = fz.create_model(name, features_only=True, out_indices=[-1, 0]).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert type(clone) is type(model) and clone.out_indices == model.out_indices
+            for a, b in zip(clone(x), want):
+                assert torch.equal(a, b)

@@ -1,7 +1,7 @@
 """HRNet family checks beyond the generic contract and MindCV parity tests.
 
 HRNet's features are MindCV's ``HRNetFeatures`` outputs, served by
-``forward_intermediates`` on the one ``HRNet`` class: these tests check that a
+``forward_levels`` on the one ``HRNet`` class: these tests check that a
 feature model holds and computes only what its outputs need, and that it still
 gives exactly the full model's tensors.
 """
@@ -163,14 +163,14 @@ def test_mindcv_classifier_checkpoint_loads_into_feature_models(out_indices):
         assert (stem - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
-def test_forward_intermediates_stops_after_the_stem():
+def test_forward_levels_stops_after_the_stem():
     model = fz.create_model("hrnet_w32").eval()
     x = torch.randn(1, 3, SIZE, SIZE)
     calls = []
     handle = model.conv2.register_forward_hook(lambda *a: calls.append("conv2"))
     with torch.no_grad():
-        (stem,) = model.forward_intermediates(x, [0])
+        (stem,) = model.forward_levels(x, [0])
         assert calls == [] and stem.shape == (1, 64, SIZE // 2, SIZE // 2)
-        model.forward_intermediates(x, [0, 1])
+        model.forward_levels(x, [0, 1])
     handle.remove()
     assert calls == ["conv2"]

@@ -34,6 +34,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import featurezoo as fz
+from featurezoo.features import SequentialFeatures
 
 # (ours, timm's same-architecture model, entries where the two differ on purpose)
 TIMM_TWINS = [
@@ -178,7 +179,7 @@ def test_googlenet_aux_heads_are_opt_in_training_only_and_absent_from_features()
     assert logits.shape == aux1.shape == aux2.shape == (2, 10)
     feat = fz.create_model("googlenet", aux_logits=True, features_only=True)
     assert not any(k.startswith(("aux1.", "aux2.")) for k in feat.state_dict())
-    assert feat._mode == "sequential"  # a chain of top-level modules: no forward code of its own
+    assert isinstance(feat, SequentialFeatures)  # a chain of top-level modules: no forward code of its own
 
 
 @pytest.mark.parametrize("name", ["inception_v3", "inception_v4"])

@@ -7,7 +7,6 @@ import torch
 
 import featurezoo as fz
 from featurezoo.checkpoint import read_state_dict
-from featurezoo.models.regnet import MINDCV_RENAMES
 from tests.reference import load_reference
 from tests.test_parity_mindcv import assert_rel_close
 from tests.zoo import ref_args, zoo_models
@@ -106,7 +105,8 @@ def test_nasnet_and_pnasnet_fail_where_mindcv_fails():
 
 
 def _renamed(state):
-    rules = [(re.compile(p), r) for p, r in MINDCV_RENAMES]
+    # The rules every regnet declares in its cfg (featurezoo/models/regnet.py).
+    rules = [(re.compile(p), r) for p, r in fz.get_model_cfg(REGNETS[0]).mindcv_renames]
     out = {}
     for key, value in state.items():
         for pattern, repl in rules:
@@ -118,7 +118,7 @@ def _renamed(state):
 @pytest.mark.parametrize("name", REGNETS)
 def test_regnet_mindcv_checkpoint_names_and_logits(name):
     """MindSpore names the stages' parameters 0.blocks.{j} / 0.blocks.{i}.blocks.{j} (see
-    featurezoo/models/regnet.py); with MINDCV_RENAMES every one of them lands in our model and
+    featurezoo/models/regnet.py); with the declared mindcv_renames every one of them lands in our model and
     the logits are MindCV's."""
     ref = load_reference(name, **ref_args(name))
     raw = read_state_dict(str(ref.ckpt))

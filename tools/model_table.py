@@ -4,10 +4,7 @@
 """
 import collections
 
-import torch
-
 import featurezoo as fz
-from featurezoo.checkpoint.timm import timm_twin
 
 
 def main() -> None:
@@ -20,11 +17,10 @@ def main() -> None:
     total = 0
     for family, names in sorted(families.items()):
         total += len(names)
-        with torch.device("meta"):
-            infos = [fz.get_feature_info(n) for n in names]
+        infos = [fz.get_feature_info(n) for n in names]
         levels = sorted({len(i) for i in infos})
         pyramids = sorted({tuple(sorted(set(i.reduction()))) for i in infos})
-        twins = sum(1 for n in names if timm_twin(n))
+        twins = sum(1 for n in names if fz.get_model_cfg(n).timm_twin)
         print(f"| {family} | {', '.join(names)} | {'/'.join(map(str, levels))} | "
               f"{'; '.join(' '.join(map(str, p)) for p in pyramids)} | {twins or ''} |")
     print(f"\n{total} models in {len(families)} families, all with `features_only`.")

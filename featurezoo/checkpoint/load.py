@@ -9,9 +9,12 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..cfg import ModelCfg
+from ..registry import build_on_meta, get_model_cfg, is_model, list_models, model_module
 from .errors import CheckpointError
 from .io import PathLike, read_state_dict, unwrap_state_dict
 from .mapping import candidate_names, map_names, rename_by_rules
+from .timm import convert_from_timm
 
 __all__ = ["LoadReport", "load_checkpoint", "adapt_input_conv"]
 
@@ -50,12 +53,14 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
 
 
-def _model_info(model: nn.Module) -> Tuple[str, Tuple[str, ...], str, Optional[set]]:
+def _model_cfg(model: nn.Module) -> Tuple[str, Optional[ModelCfg]]:
+    """The model's name and cfg: the cfg it was built with, else its registered one."""
     cfg = getattr(model, "default_cfg", None)
-    name = getattr(model, "model_name", None) or getattr(cfg, "name", "") or type(model).__name__
-    heads = tuple(getattr(cfg, "classifier_names", ()))
-    first_conv = getattr(cfg, "first_conv", "") or ""
-    return name, heads, first_conv, getattr(model, "full_state_keys", None)
+    cfg = cfg if isinstance(cfg, ModelCfg) else None
+    name = getattr(model, "model_name", None) or (cfg.name if cfg else "") or type(model).__name__
+    if cfg is None and is_model(name):
+        cfg = get_model_cfg(name)
+    return name, cfg
 
 
 def _is_under(key: str, modules: Tuple[str, ...]) -> bool:
@@ -80,15 +85,18 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, A
     """
     if source not in _SOURCES:
         raise ValueError(f"source={source!r}; valid: {list(_SOURCES)}")
-    name, heads, first_conv, full_keys = _model_info(model)
+    name, cfg = _model_cfg(model)
+    heads = cfg.classifier_names if cfg else ()
+    first_conv = cfg.first_conv if cfg else ""
+    full_keys = getattr(model, "full_state_keys", None)
     where = f"checkpoint {str(checkpoint)!r}" if not isinstance(checkpoint, Mapping) else "state dict"
     raw = checkpoint if isinstance(checkpoint, Mapping) else read_state_dict(checkpoint)
     state = unwrap_state_dict(raw, ema=ema, source=where)
 
     own = model.state_dict()
     shapes = {k: v.shape for k, v in own.items()}
-    state, converted = _maybe_from_timm(name, state, shapes, source)
-    state, fixed = _mindcv_renames(name, state)
+    state, converted = _maybe_from_timm(name, cfg, state, shapes, source)
+    state, fixed = _mindcv_renames(cfg, state)
     converted += fixed
     mapping = map_names(state, shapes, ema=ema and not _has_ema_container(raw), auto_mapping=auto_mapping,
                         model_name=name)
@@ -150,14 +158,13 @@ def _has_ema_container(raw: Any) -> bool:
 
 
 
-def _maybe_from_timm(name: str, state: Dict[str, torch.Tensor], shapes: Mapping[str, torch.Size],
-                     source: str) -> Tuple[Dict[str, torch.Tensor], List[Tuple[str, str, str]]]:
+def _maybe_from_timm(name: str, cfg: Optional[ModelCfg], state: Dict[str, torch.Tensor],
+                     shapes: Mapping[str, torch.Size], source: str
+                     ) -> Tuple[Dict[str, torch.Tensor], List[Tuple[str, str, str]]]:
     """Convert timm names when asked, or when they fit the model better than the names as given."""
     if source not in ("timm", "auto"):
         return state, []
-    from .timm import convert_from_timm, timm_twin
-
-    converted = convert_from_timm(name, state)
+    converted = convert_from_timm(cfg, state)
     if converted is None:
         if source == "timm":
             raise CheckpointError(f"{name} has no timm twin; source='timm' is not available for it")
@@ -166,19 +173,17 @@ def _maybe_from_timm(name: str, state: Dict[str, torch.Tensor], shapes: Mapping[
         fits = lambda sd: sum(1 for k in sd if k in shapes)  # noqa: E731
         if fits(converted) <= fits(state):
             return state, []
-    twin = timm_twin(name)
+    twin = cfg.timm_twin
     renamed = [(old, new, f"timm {twin}") for old, new in zip(state, converted) if old != new]
     _logger.info("%s: converting timm %s names (%d renamed)", name, twin, len(renamed))
     return converted, renamed
 
 
-def _mindcv_renames(name: str, state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor],
-                                                                           List[Tuple[str, str, str]]]:
-    """A family's ``MINDCV_RENAMES``: MindSpore parameter names that are not the module paths of
+def _mindcv_renames(cfg: Optional[ModelCfg], state: Dict[str, torch.Tensor]
+                    ) -> Tuple[Dict[str, torch.Tensor], List[Tuple[str, str, str]]]:
+    """The cfg's ``mindcv_renames``: MindSpore parameter names that are not the module paths of
     MindCV's own code (RegNet's stages), mapped by fixed rules."""
-    from .timm import family_module
-
-    rules = getattr(family_module(name), "MINDCV_RENAMES", ())
+    rules = cfg.mindcv_renames if cfg else ()
     if not rules:
         return state, []
     renamed = rename_by_rules(state, rules)
@@ -188,8 +193,6 @@ def _mindcv_renames(name: str, state: Dict[str, torch.Tensor]) -> Tuple[Dict[str
 def _looks_like(name: str, state: Mapping[str, torch.Tensor]) -> str:
     """Name the model of ``name``'s family whose every tensor the checkpoint holds, if one does
     (a resnet18 file given to resnet50). Built on the meta device: no weights are allocated."""
-    from ..registry import is_model, list_models, model_module
-
     if not is_model(name):
         return ""
     wanted = {}
@@ -199,11 +202,8 @@ def _looks_like(name: str, state: Mapping[str, torch.Tensor]) -> str:
     for other in list_models(module=model_module(name)):
         if other == name:
             continue
-        from ..factory import create_model
-
-        with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in create_model(other).state_dict().items()
-                      if not k.endswith("num_batches_tracked")}
+        shapes = {k: tuple(v.shape) for k, v in build_on_meta(other).state_dict().items()
+                  if not k.endswith("num_batches_tracked")}
         if shapes and all(wanted.get(k) == v for k, v in shapes.items()):
             return f"\n  the checkpoint looks like {other}: create_model({other!r}) fits it"
     return ""

@@ -1,19 +1,21 @@
-"""Convolution + normalisation + activation, as MindCV's ``layers.Conv2dNormActivation``.
+"""Convolution + normalisation + activation.
 
-The three layers sit in an ``nn.Sequential`` named ``features`` (children
-``0``, ``1``, ``2``), MindCV's module tree, so parameter names map one to one
-(``features.0.weight``, ``features.1.weight`` ...).
+:class:`Conv2dNormActivation` is MindCV's ``layers.Conv2dNormActivation``: the
+three layers sit in an ``nn.Sequential`` named ``features`` (children ``0``,
+``1``, ``2``), MindCV's module tree, so parameter names map one to one
+(``features.0.weight``, ``features.1.weight`` ...). :class:`BasicConv2d` is
+the ``conv``/``bn``/``relu`` block of MindCV's Inception v3 and v4.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .padding import Conv2d
 
-__all__ = ["Conv2dNormActivation"]
+__all__ = ["Conv2dNormActivation", "BasicConv2d"]
 
 
 class Conv2dNormActivation(nn.Module):
@@ -51,3 +53,18 @@ class Conv2dNormActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+
+class BasicConv2d(nn.Module):
+    """Conv (MindSpore ``pad_mode``, no bias) + BN (eps 1e-3, MindSpore momentum 0.9997) + ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Tuple[int, int]] = 1,
+                 stride: int = 1, pad_mode: str = "same", padding: int = 0):
+        super().__init__()
+        self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, pad_mode=pad_mode, padding=padding)
+        self.bn = nn.BatchNorm2d(out_channels, eps=1e-3, momentum=1 - 0.9997)
+        self.relu = nn.ReLU()
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..layers.helpers import total_stride
 from ..layers.pooling import GlobalAvgPooling
 from ..registry import register_model
 
@@ -101,13 +102,13 @@ class BiT_ResNet(nn.Module):  # noqa: N801 (MindCV's class name)
         self.base_with = base_width  # MindCV's spelling, kept for attribute compatibility
 
         self.conv1 = StdConv2d(in_channels, self.input_channels, 7, stride=2, padding=3)
-        reduction = 2
+        reduction = total_stride(self.conv1)
         self.feature_info = [dict(chs=self.input_channels, reduction=reduction, name="conv1")]
         # Zero padding, then a "valid" pool: the stem conv's outputs may be negative, so this is not
         # a -inf-padded pool.
         self.pad = nn.ConstantPad2d(1, 0.0)
         self.max_pool = nn.MaxPool2d(kernel_size=3, stride=2)
-        reduction *= 2
+        reduction *= total_stride(self.max_pool)
         num_stages = len(layers)
         for i, (channels, num_blocks) in enumerate(zip((64, 128, 256, 512), layers)):
             stride = 1 if i == 0 else 2
@@ -157,24 +158,25 @@ def _cfg(url: str = "", **kwargs):
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
-default_cfgs = generate_default_cfgs({
-    "BiT_resnet50": _cfg(f"{_MS}/bit/BiT_resnet50-1e4795a4.ckpt"),
-    "BiT_resnet50x3": _cfg(f"{_MS}/bit/BiT_resnet50x3-a960f91f.ckpt"),
-    "BiT_resnet101": _cfg(f"{_MS}/bit/BiT_resnet101-2efa9106.ckpt"),
-})
-
-
 # timm models with the same architecture and parameters (timm's BiT stem also zero-pads before a valid max
 # pool, and its head is the same GroupNorm, ReLU, mean and 1x1 conv). Not identical in numbers at any size:
 # timm's StdConv2d standardises with eps 1e-8, MindCV's with 1e-10 (tests/test_resnet_variants.py aligns the
 # eps and then finds ours and timm's equal to 1e-8 in float64).
-TIMM_TWINS = {"BiT_resnet50": "resnetv2_50x1_bit", "BiT_resnet50x3": "resnetv2_50x3_bit",
+_TIMM_TWINS = {"BiT_resnet50": "resnetv2_50x1_bit", "BiT_resnet50x3": "resnetv2_50x3_bit",
               "BiT_resnet101": "resnetv2_101x1_bit"}
-TIMM_RENAMES = (
+
+_TIMM_RENAMES = (
     (r"^stem\.conv\.", "conv1."), *((rf"^stages\.{i}\.blocks\.", f"layer{i + 1}.") for i in range(4)),
     (r"\.norm(\d)\.", r".gn\1."), (r"\.downsample\.conv\.", ".down_sample.0."), (r"^norm\.", "gn."),
     (r"^head\.fc\.", "classifier."),
 )
+
+
+default_cfgs = generate_default_cfgs({
+    "BiT_resnet50": _cfg(f"{_MS}/bit/BiT_resnet50-1e4795a4.ckpt"),
+    "BiT_resnet50x3": _cfg(f"{_MS}/bit/BiT_resnet50x3-a960f91f.ckpt"),
+    "BiT_resnet101": _cfg(f"{_MS}/bit/BiT_resnet101-2efa9106.ckpt"),
+}, timm_twins=_TIMM_TWINS, timm_renames=_TIMM_RENAMES)
 
 
 @register_model

@@ -119,7 +119,6 @@ class ConvNeXt(nn.Module):
         super().__init__()
         if len(depths) != len(dims):
             raise ValueError(f"ConvNeXt: depths {list(depths)} and dims {list(dims)} differ in length")
-        self.flatten_sequential = True
         self.feature_info: List[dict] = []
 
         total = sum(depths)
@@ -185,6 +184,23 @@ def _cfg(url: str = "", **kwargs):
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
+# timm models with the same architecture and parameters. They never compute exactly what we do: MindCV's
+# GELU is the tanh approximation, timm's the exact (erf) one. No twins for V2: timm's convnextv2_* have our
+# parameters, but their MLPs are 1x1 convs (4-D weights, Linear here) and their GRN gamma/beta are (C,)
+# where MindCV's are (1, 1, 1, C), so those tensors would need reshapes.
+_TIMM_TWINS = {n: n for n in ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "convnext_xlarge")}
+
+# timm's stages.<i>.downsample / .blocks are feature.<2i> / feature.<2i + 1> here (stage 0's downsample is
+# the stem).
+_TIMM_RENAMES = (
+    (r"^stem\.", "feature.0."),
+    *((rf"^stages\.{i}\.downsample\.", f"feature.{2 * i}.") for i in range(1, 4)),
+    *((rf"^stages\.{i}\.blocks\.", f"feature.{2 * i + 1}.") for i in range(4)),
+    (r"\.gamma$", ".gamma_"), (r"\.conv_dw\.", ".dwconv."), (r"\.mlp\.fc1\.", ".pwconv1."),
+    (r"\.mlp\.fc2\.", ".pwconv2."), (r"^head\.norm\.", "norm."), (r"^head\.fc\.", "classifier."),
+)
+
+
 default_cfgs = generate_default_cfgs({
     "convnext_tiny": _cfg(f"{_MS}/convnext/convnext_tiny-ae5ff8d7.ckpt"),
     "convnext_small": _cfg(f"{_MS}/convnext/convnext_small-e23008f3.ckpt"),
@@ -199,23 +215,8 @@ default_cfgs = generate_default_cfgs({
     "convnextv2_base": _cfg(),
     "convnextv2_large": _cfg(),
     "convnextv2_huge": _cfg(),
-})
+}, timm_twins=_TIMM_TWINS, timm_renames=_TIMM_RENAMES)
 
-
-# timm models with the same architecture and parameters. They never compute exactly what we do: MindCV's
-# GELU is the tanh approximation, timm's the exact (erf) one. No twins for V2: timm's convnextv2_* have our
-# parameters, but their MLPs are 1x1 convs (4-D weights, Linear here) and their GRN gamma/beta are (C,)
-# where MindCV's are (1, 1, 1, C), so those tensors would need reshapes.
-TIMM_TWINS = {n: n for n in ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "convnext_xlarge")}
-# timm's stages.<i>.downsample / .blocks are feature.<2i> / feature.<2i + 1> here (stage 0's downsample is
-# the stem).
-TIMM_RENAMES = (
-    (r"^stem\.", "feature.0."),
-    *((rf"^stages\.{i}\.downsample\.", f"feature.{2 * i}.") for i in range(1, 4)),
-    *((rf"^stages\.{i}\.blocks\.", f"feature.{2 * i + 1}.") for i in range(4)),
-    (r"\.gamma$", ".gamma_"), (r"\.conv_dw\.", ".dwconv."), (r"\.mlp\.fc1\.", ".pwconv1."),
-    (r"\.mlp\.fc2\.", ".pwconv2."), (r"^head\.norm\.", "norm."), (r"^head\.fc\.", "classifier."),
-)
 
 _V2 = dict(use_grn=True, layer_scale_init_value=0.0)
 

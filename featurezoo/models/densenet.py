@@ -24,7 +24,10 @@ import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..cfg import IndexMap
 from ..layers import GlobalAvgPooling
+from ..layers.helpers import total_stride
+from ..layers.init import fan_out_normal, init_weights, torch_uniform
 from ..registry import register_model
 
 __all__ = ["DenseNet"]
@@ -102,11 +105,11 @@ class DenseNet(nn.Module):
         layers["conv0"] = nn.Conv2d(in_channels, num_features, 7, stride=2, padding=3, bias=False)
         layers["norm0"] = nn.BatchNorm2d(num_features)
         layers["relu0"] = nn.ReLU()
-        reduction = layers["conv0"].stride[0]
+        reduction = total_stride(layers["conv0"])
         self.feature_info = [dict(chs=num_features, reduction=reduction, name="features.relu0")]
         # MindCV pads with zeros before a "valid" max pool; after a ReLU that equals ignoring the padding.
         layers["pool0"] = nn.Sequential(nn.ZeroPad2d(1), nn.MaxPool2d(kernel_size=3, stride=2))
-        reduction *= 2
+        reduction *= total_stride(layers["pool0"])
 
         for i, num_layers in enumerate(block_config):
             layers[f"denseblock{i + 1}"] = _DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate)
@@ -116,29 +119,17 @@ class DenseNet(nn.Module):
             self.feature_info.append(dict(chs=num_features, reduction=reduction, name=f"features.denseblock{i + 1}"))
             layers[f"transition{i + 1}"] = _Transition(num_features, num_features // 2)
             num_features //= 2
-            reduction *= 2
+            reduction *= total_stride(layers[f"transition{i + 1}"])
 
         layers["norm5"] = nn.BatchNorm2d(num_features)
         layers["relu5"] = nn.ReLU()
         self.feature_info.append(dict(chs=num_features, reduction=reduction, name="features.relu5"))
-        self.flatten_sequential = True
 
         self.num_features = num_features
         self.features = nn.Sequential(layers)
         self.pool = GlobalAvgPooling()
         self.classifier = nn.Linear(num_features, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_uniform_(m.weight, a=5 ** 0.5)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=fan_out_normal, linear=torch_uniform)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -155,26 +146,28 @@ def _create_densenet(variant: str, pretrained: bool = False, **kwargs) -> DenseN
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="features.conv0", classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="features.conv0", classifier="classifier",
+                valid_padding="2x2 valid average pools in the transitions", **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
+# timm models with the same architecture and parameters. Both pad every conv symmetrically, zero-pad the stem
+# max pool after a ReLU (timm: pads by one, the same there) and pool the transitions 2x2 unpadded: any size
+# computes the same.
+_TIMM_TWINS = {n: n for n in ("densenet121", "densenet161", "densenet169", "densenet201")}
+
+_TIMM_RENAMES = (
+    (r"\.denselayer(\d+)\.", IndexMap(".cell_list.{0}.", (1, -1))),  # timm counts its layers from 1
+    (r"\.(transition\d)\.", r".\1.features."),
+)
+
+
 default_cfgs = generate_default_cfgs({
     "densenet121": _cfg(f"{_MS}/densenet/densenet121-120_5004_Ascend.ckpt"),
     "densenet161": _cfg(f"{_MS}/densenet/densenet161-120_5004_Ascend.ckpt"),
     "densenet169": _cfg(f"{_MS}/densenet/densenet169-120_5004_Ascend.ckpt"),
     "densenet201": _cfg(f"{_MS}/densenet/densenet201-120_5004_Ascend.ckpt"),
-})
-
-
-# timm models with the same architecture and parameters. Both pad every conv symmetrically, zero-pad the stem
-# max pool after a ReLU (timm: pads by one, the same there) and pool the transitions 2x2 unpadded: any size
-# computes the same.
-TIMM_TWINS = {n: n for n in ("densenet121", "densenet161", "densenet169", "densenet201")}
-TIMM_RENAMES = (
-    (r"\.denselayer(\d+)\.", lambda m: f".cell_list.{int(m[1]) - 1}."),  # timm counts its layers from 1
-    (r"\.(transition\d)\.", r".\1.features."),
-)
+}, timm_twins=_TIMM_TWINS, timm_renames=_TIMM_RENAMES)
 
 
 @register_model

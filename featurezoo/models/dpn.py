@@ -9,7 +9,7 @@ MindCV's head does with the last block's pair (then BN + ReLU, ``conv5_x``).
 
 ``feature_info``: the stem's ReLU (stride 2, before its max pool), the last
 block of ``conv2``..``conv4`` (strides 4, 8, 16; its pair concatenated) and
-``conv5_x`` (stride 32). :meth:`DPN.forward_intermediates` is the classifier's
+``conv5_x`` (stride 32). :meth:`DPN.forward_levels` is the classifier's
 own forward, stopping after the deepest requested feature.
 """
 from __future__ import annotations
@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..features import take_levels
 from ..layers import GlobalAvgPooling, MaxPool2d
+from ..layers.init import fan_out_normal, init_weights, torch_uniform
 from ..registry import register_model
 
 __all__ = ["DPN", "DualPathBlock", "BottleBlock"]
@@ -144,26 +146,16 @@ class DPN(nn.Module):
         self.num_features = in_channel
         self.avgpool = GlobalAvgPooling()
         self.classifier = nn.Linear(in_channel, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_uniform_(m.weight, a=5 ** 0.5)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=fan_out_normal, linear=torch_uniform)
 
     # -- forward ------------------------------------------------------------------------
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
+    def forward_levels(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
         """The ``feature_info`` entries ``indices`` (ascending), computing nothing past the deepest one."""
-        deepest, out = indices[-1], []
+        take, deepest = take_levels(indices, len(self.feature_info))
+        out = []
         stem = self.features.conv1
         x = stem.relu(stem.norm(stem.conv(x)))
-        if indices[0] == 0:
+        if 0 in take:
             out.append(x)
         if deepest == 0:
             return out
@@ -173,16 +165,16 @@ class DPN(nn.Module):
                 continue
             x = block(x)
             index = self._stage_ends.get(name)
-            if index in indices:
+            if index in take:
                 out.append(torch.cat(x, dim=1))
                 if index == deepest:
                     return out
         out.append(self.conv5_x(torch.cat(x, dim=1)))
         return out
 
-    def prune_intermediates(self, indices: Sequence[int]) -> None:
+    def prune_levels(self, indices: Sequence[int]) -> None:
         """Delete the head and every module after the deepest feature in ``indices``."""
-        deepest = max(indices)
+        _, deepest = take_levels(indices, len(self.feature_info))
         for name in ("avgpool", "classifier"):
             delattr(self, name)
         if deepest == len(self.feature_info) - 1:
@@ -196,7 +188,7 @@ class DPN(nn.Module):
             delattr(self.features, name)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_intermediates(x, [len(self.feature_info) - 1])[0]
+        return self.forward_levels(x, [len(self.feature_info) - 1])[0]
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.avgpool(x))
@@ -222,7 +214,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-# No TIMM_TWINS: timm's dpn92/98/107/131 have the same parameter count but not our tensors: timm's projection
+# No timm twin: timm's dpn92/98/107/131 have the same parameter count but not our tensors: timm's projection
 # convs (c1x1_w_s1/_s2) and last 1x1 convs (c1x1_c) are each one conv that MindCV splits in two (c1x1_w_r and
 # c1x1_w_d, conv3_r and conv3_d), so those tensors do not map one to one; its classifier is a 1x1 conv (ours
 # nn.Linear). Its BN eps, 1e-3, is MindCV's.

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,8 @@ import torch.nn as nn
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers.activation import Swish
 from ..layers.drop_path import DropPath
-from ..layers.helpers import make_divisible
+from ..layers.helpers import make_divisible, total_stride
+from ..layers.init import fan_out_normal, init_weights, inv_sqrt_out_uniform
 from ..layers.padding import Conv2d
 from ..layers.pooling import GlobalAvgPooling
 from ..layers.squeeze_excite import SqueezeExcite
@@ -72,7 +73,22 @@ def _expanded(in_chs: int, expand_ratio: float) -> int:
     return make_divisible(in_chs * expand_ratio, _CHANNEL_DIVISOR)
 
 
-class MBConv(nn.Module):
+class _Residual(nn.Module):
+    """``block(x)`` (``layers`` in sequence), plus ``x`` after stochastic depth (``dropout``) where ``shortcut``."""
+
+    def __init__(self, layers: List[nn.Module], shortcut: bool, drop_path_prob: float, out_chs: int):
+        super().__init__()
+        self.shortcut = shortcut
+        self.block = nn.Sequential(*layers)
+        self.dropout = DropPath(drop_path_prob)
+        self.out_channels = out_chs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return self.dropout(out) + x if self.shortcut else out
+
+
+class MBConv(_Residual):
     """Inverted residual: [1x1 expand] -> kxk depthwise -> squeeze-excite -> 1x1 project.
 
     ``block`` holds the layers in MindCV's order; the expand conv/BN/Swish are
@@ -81,8 +97,6 @@ class MBConv(nn.Module):
 
     def __init__(self, in_chs: int, out_chs: int, expand_ratio: float, kernel_size: int, stride: int,
                  drop_path_prob: float, norm: NormLayer):
-        super().__init__()
-        self.shortcut = stride == 1 and in_chs == out_chs
         mid_chs = _expanded(in_chs, expand_ratio)
         layers: List[nn.Module] = []
         if mid_chs != in_chs:
@@ -92,38 +106,24 @@ class MBConv(nn.Module):
             SqueezeExcite(mid_chs, rd_channels=max(1, in_chs // 4), act_layer=Swish),
             Conv2d(mid_chs, out_chs, 1), norm(out_chs),
         ]
-        self.block = nn.Sequential(*layers)
-        self.dropout = DropPath(drop_path_prob)
-        self.out_channels = out_chs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block(x)
-        return self.dropout(out) + x if self.shortcut else out
+        super().__init__(layers, stride == 1 and in_chs == out_chs, drop_path_prob, out_chs)
 
 
-class FusedMBConv(nn.Module):
+class FusedMBConv(_Residual):
     """EfficientNetV2's fused block: kxk expand conv -> 1x1 project, or a single
     kxk conv/BN/Swish when ``expand_ratio`` keeps the width."""
 
     def __init__(self, in_chs: int, out_chs: int, expand_ratio: float, kernel_size: int, stride: int,
                  drop_path_prob: float, norm: NormLayer):
-        super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"FusedMBConv: stride must be 1 or 2, got {stride!r}")
-        self.shortcut = stride == 1 and in_chs == out_chs
         mid_chs = _expanded(in_chs, expand_ratio)
         if mid_chs != in_chs:
             layers: List[nn.Module] = [Conv2d(in_chs, mid_chs, kernel_size, stride), norm(mid_chs), Swish(),
                                        Conv2d(mid_chs, out_chs, 1), norm(out_chs)]
         else:
             layers = [Conv2d(in_chs, out_chs, kernel_size, stride), norm(out_chs), Swish()]
-        self.block = nn.Sequential(*layers)
-        self.dropout = DropPath(drop_path_prob)
-        self.out_channels = out_chs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block(x)
-        return self.dropout(out) + x if self.shortcut else out
+        super().__init__(layers, stride == 1 and in_chs == out_chs, drop_path_prob, out_chs)
 
 
 class EfficientNet(nn.Module):
@@ -158,7 +158,7 @@ class EfficientNet(nn.Module):
 
         stem_chs = stages[0].in_chs
         layers: List[nn.Module] = [Conv2d(in_channels, stem_chs, 3, 2), norm_layer(stem_chs), Swish()]
-        reduction = 2
+        reduction = total_stride(*layers)
         self.feature_info = [dict(chs=stem_chs, reduction=reduction, name=f"features.{len(layers) - 1}")]
 
         num_blocks = sum(s.num_layers for s in stages)
@@ -179,26 +179,12 @@ class EfficientNet(nn.Module):
         self.num_features = head_chs or 4 * stages[-1].out_chs
         layers += [Conv2d(stages[-1].out_chs, self.num_features, 1), norm_layer(self.num_features), Swish()]
         self.feature_info.append(dict(chs=self.num_features, reduction=reduction, name=f"features.{len(layers) - 1}"))
-        self.flatten_sequential = True
 
         self.features = nn.Sequential(*layers)
         self.avgpool = GlobalAvgPooling()
         self.dropout = nn.Dropout(p=dropout_rate)
         self.mlp_head = nn.Linear(self.num_features, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                # MindCV bounds the uniform by 1/sqrt(weight.shape[0]), i.e. by the number of *outputs*.
-                bound = 1.0 / math.sqrt(m.weight.shape[0])
-                nn.init.uniform_(m.weight, -bound, bound)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d):
-                out_chs, _, kh, kw = m.weight.shape
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (out_chs * kh * kw)))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_weights(self, conv=fan_out_normal, linear=inv_sqrt_out_uniform)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -211,7 +197,8 @@ class EfficientNet(nn.Module):
 
 
 def _create_efficientnet(variant: str, pretrained: bool = False, **kwargs) -> EfficientNet:
-    return build_model_with_cfg(EfficientNet, pretrained, default_cfg=default_cfgs[variant], **kwargs)
+    return build_model_with_cfg(EfficientNet, pretrained, default_cfg=default_cfgs[variant],
+                                **vars(model_cfgs[variant]), **kwargs)
 
 
 def _mb(expand_ratio: float, kernel_size: int, stride: int, in_chs: int, out_chs: int, num_layers: int) -> StageCfg:
@@ -247,38 +234,50 @@ _V2_XL_STAGES = (
 _V2_HEAD_CHS = 1280
 
 
+@dataclass(frozen=True)
+class EfficientNetCfg:
+    """A variant: stage table, compound scaling (width, depth), classifier dropout, head width."""
+
+    stages: Tuple[StageCfg, ...]
+    width_mult: float = 1.0
+    depth_mult: float = 1.0
+    dropout_rate: float = 0.2
+    head_chs: Optional[int] = None
+
+
+model_cfgs = dict(
+    efficientnet_b0=EfficientNetCfg(_B_STAGES, 1.0, 1.0, 0.2),
+    efficientnet_b1=EfficientNetCfg(_B_STAGES, 1.0, 1.1, 0.2),
+    efficientnet_b2=EfficientNetCfg(_B_STAGES, 1.1, 1.2, 0.3),
+    efficientnet_b3=EfficientNetCfg(_B_STAGES, 1.2, 1.4, 0.3),
+    efficientnet_b4=EfficientNetCfg(_B_STAGES, 1.4, 1.8, 0.4),
+    efficientnet_b5=EfficientNetCfg(_B_STAGES, 1.6, 2.2, 0.4),
+    efficientnet_b6=EfficientNetCfg(_B_STAGES, 1.8, 2.6, 0.5),
+    efficientnet_b7=EfficientNetCfg(_B_STAGES, 2.0, 3.1, 0.5),
+    efficientnet_v2_s=EfficientNetCfg(_V2_S_STAGES, head_chs=_V2_HEAD_CHS),
+    efficientnet_v2_m=EfficientNetCfg(_V2_M_STAGES, head_chs=_V2_HEAD_CHS),
+    efficientnet_v2_l=EfficientNetCfg(_V2_L_STAGES, head_chs=_V2_HEAD_CHS),
+    efficientnet_v2_xl=EfficientNetCfg(_V2_XL_STAGES, head_chs=_V2_HEAD_CHS),
+)
+
+
 def _cfg(url: str = "", **kwargs):
     # MindCV names no first_conv (its commented-out one is not a module); ours is the stem conv.
     return dict(url=url, num_classes=1000, first_conv="features.0", classifier="mlp_head", **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
-default_cfgs = generate_default_cfgs({
-    "efficientnet_b0": _cfg(f"{_MS}/efficientnet/efficientnet_b0-103ec70c.ckpt"),
-    "efficientnet_b1": _cfg(f"{_MS}/efficientnet/efficientnet_b1-f8c6b13f.ckpt"),
-    "efficientnet_b2": _cfg(),
-    "efficientnet_b3": _cfg(),
-    "efficientnet_b4": _cfg(),
-    "efficientnet_b5": _cfg(),
-    "efficientnet_b6": _cfg(),
-    "efficientnet_b7": _cfg(),
-    "efficientnet_v2_s": _cfg(),
-    "efficientnet_v2_m": _cfg(),
-    "efficientnet_v2_l": _cfg(),
-    "efficientnet_v2_xl": _cfg(),
-})
-
-
 # timm models with the same architecture and parameters. B0-B4 and V2 use BatchNorm eps 1e-5 here, as timm's
 # efficientnet_b*/efficientnetv2_* (which pad symmetrically, so they compute what we do where MindSpore's
 # "same" padding is symmetric: odd inputs to every stride-2 conv, e.g. 65 px); timm's tf_* twins would pad
 # as we do but use eps 1e-3. B5-B7 use eps 1e-3 here, as tf_efficientnet_b5-b7, whose TF "same" padding is
 # MindSpore's: those compute what we do at every size. (All of them load: the names are the same.)
-TIMM_TWINS = {
+_TIMM_TWINS = {
     **{f"efficientnet_b{i}": f"efficientnet_b{i}" for i in range(5)},
     **{f"efficientnet_b{i}": f"tf_efficientnet_b{i}" for i in range(5, 8)},
     **{f"efficientnet_v2_{s}": f"efficientnetv2_{s}" for s in ("s", "m", "l", "xl")},
 }
+
 # Layer positions inside our block.* sequence, per timm block type (told apart by its parameter names).
 _TIMM_BLOCK_LAYERS = {
     "ir": {"conv_pw": 0, "bn1": 1, "conv_dw": 3, "bn2": 4, "se": 6, "conv_pwl": 7, "bn3": 8},  # MBConv
@@ -287,8 +286,7 @@ _TIMM_BLOCK_LAYERS = {
     "cn": {"conv": 0, "bn1": 1},  # FusedMBConv without expansion
 }
 
-
-def convert_from_timm(state_dict):
+def _convert_from_timm(state_dict):
     """timm's EfficientNet names as ours: ``blocks.<stage>.<i>`` is ``features.<3 + stage>.<i>.block``;
     the head conv/BN follow the last stage. Names that are not timm's pass unchanged."""
     import re
@@ -320,73 +318,77 @@ def convert_from_timm(state_dict):
     return out
 
 
+default_cfgs = generate_default_cfgs({
+    "efficientnet_b0": _cfg(f"{_MS}/efficientnet/efficientnet_b0-103ec70c.ckpt"),
+    "efficientnet_b1": _cfg(f"{_MS}/efficientnet/efficientnet_b1-f8c6b13f.ckpt"),
+    "efficientnet_b2": _cfg(),
+    "efficientnet_b3": _cfg(),
+    "efficientnet_b4": _cfg(),
+    "efficientnet_b5": _cfg(),
+    "efficientnet_b6": _cfg(),
+    "efficientnet_b7": _cfg(),
+    "efficientnet_v2_s": _cfg(),
+    "efficientnet_v2_m": _cfg(),
+    "efficientnet_v2_l": _cfg(),
+    "efficientnet_v2_xl": _cfg(),
+}, timm_twins=_TIMM_TWINS, timm_convert=_convert_from_timm)
+
+
 @register_model
 def efficientnet_b0(pretrained: bool = False, **kwargs) -> EfficientNet:
-    return _create_efficientnet("efficientnet_b0", pretrained, stages=_B_STAGES, width_mult=1.0, depth_mult=1.0,
-                                dropout_rate=0.2, **kwargs)
+    return _create_efficientnet("efficientnet_b0", pretrained, **kwargs)
 
 
 @register_model
 def efficientnet_b1(pretrained: bool = False, **kwargs) -> EfficientNet:
-    return _create_efficientnet("efficientnet_b1", pretrained, stages=_B_STAGES, width_mult=1.0, depth_mult=1.1,
-                                dropout_rate=0.2, **kwargs)
+    return _create_efficientnet("efficientnet_b1", pretrained, **kwargs)
 
 
 @register_model
 def efficientnet_b2(pretrained: bool = False, **kwargs) -> EfficientNet:
-    return _create_efficientnet("efficientnet_b2", pretrained, stages=_B_STAGES, width_mult=1.1, depth_mult=1.2,
-                                dropout_rate=0.3, **kwargs)
+    return _create_efficientnet("efficientnet_b2", pretrained, **kwargs)
 
 
 @register_model
 def efficientnet_b3(pretrained: bool = False, **kwargs) -> EfficientNet:
-    return _create_efficientnet("efficientnet_b3", pretrained, stages=_B_STAGES, width_mult=1.2, depth_mult=1.4,
-                                dropout_rate=0.3, **kwargs)
+    return _create_efficientnet("efficientnet_b3", pretrained, **kwargs)
 
 
 @register_model
 def efficientnet_b4(pretrained: bool = False, **kwargs) -> EfficientNet:
-    return _create_efficientnet("efficientnet_b4", pretrained, stages=_B_STAGES, width_mult=1.4, depth_mult=1.8,
-                                dropout_rate=0.4, **kwargs)
+    return _create_efficientnet("efficientnet_b4", pretrained, **kwargs)
 
 
 @register_model
 def efficientnet_b5(pretrained: bool = False, **kwargs) -> EfficientNet:
-    return _create_efficientnet("efficientnet_b5", pretrained, stages=_B_STAGES, width_mult=1.6, depth_mult=2.2,
-                                dropout_rate=0.4, **kwargs)
+    return _create_efficientnet("efficientnet_b5", pretrained, **kwargs)
 
 
 @register_model
 def efficientnet_b6(pretrained: bool = False, **kwargs) -> EfficientNet:
-    return _create_efficientnet("efficientnet_b6", pretrained, stages=_B_STAGES, width_mult=1.8, depth_mult=2.6,
-                                dropout_rate=0.5, **kwargs)
+    return _create_efficientnet("efficientnet_b6", pretrained, **kwargs)
 
 
 @register_model
 def efficientnet_b7(pretrained: bool = False, **kwargs) -> EfficientNet:
-    return _create_efficientnet("efficientnet_b7", pretrained, stages=_B_STAGES, width_mult=2.0, depth_mult=3.1,
-                                dropout_rate=0.5, **kwargs)
+    return _create_efficientnet("efficientnet_b7", pretrained, **kwargs)
 
 
 @register_model
 def efficientnet_v2_s(pretrained: bool = False, **kwargs) -> EfficientNet:
-    return _create_efficientnet("efficientnet_v2_s", pretrained, stages=_V2_S_STAGES, head_chs=_V2_HEAD_CHS,
-                                dropout_rate=0.2, **kwargs)
+    return _create_efficientnet("efficientnet_v2_s", pretrained, **kwargs)
 
 
 @register_model
 def efficientnet_v2_m(pretrained: bool = False, **kwargs) -> EfficientNet:
-    return _create_efficientnet("efficientnet_v2_m", pretrained, stages=_V2_M_STAGES, head_chs=_V2_HEAD_CHS,
-                                dropout_rate=0.2, **kwargs)
+    return _create_efficientnet("efficientnet_v2_m", pretrained, **kwargs)
 
 
 @register_model
 def efficientnet_v2_l(pretrained: bool = False, **kwargs) -> EfficientNet:
-    return _create_efficientnet("efficientnet_v2_l", pretrained, stages=_V2_L_STAGES, head_chs=_V2_HEAD_CHS,
-                                dropout_rate=0.2, **kwargs)
+    return _create_efficientnet("efficientnet_v2_l", pretrained, **kwargs)
 
 
 @register_model
 def efficientnet_v2_xl(pretrained: bool = False, **kwargs) -> EfficientNet:
-    return _create_efficientnet("efficientnet_v2_xl", pretrained, stages=_V2_XL_STAGES, head_chs=_V2_HEAD_CHS,
-                                dropout_rate=0.2, **kwargs)
+    return _create_efficientnet("efficientnet_v2_xl", pretrained, **kwargs)

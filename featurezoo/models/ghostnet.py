@@ -23,7 +23,8 @@ import torch.nn as nn
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import GlobalAvgPooling
 from ..layers.feature_levels import note_feature
-from ..layers.helpers import make_divisible
+from ..layers.helpers import make_divisible, total_stride
+from ..layers.init import he_uniform, init_weights
 from ..layers.squeeze_excite import SqueezeExcite
 from ..registry import register_model
 
@@ -151,7 +152,7 @@ class GhostNet(nn.Module):
         self.conv_stem = nn.Conv2d(in_channels, stem_chs, 3, 2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_chs)
         self.act1 = nn.ReLU()
-        reduction = 2
+        reduction = total_stride(self.conv_stem)
         self.feature_info: List[Dict] = []
         note_feature(self.feature_info, stem_chs, reduction, "act1")
 
@@ -181,17 +182,7 @@ class GhostNet(nn.Module):
         if drop_rate > 0.0:
             self.dropout = nn.Dropout(p=drop_rate)
         self.classifier = nn.Linear(self.num_features, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=he_uniform, linear=he_uniform)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.act1(self.bn1(self.conv_stem(x))))
@@ -216,17 +207,18 @@ def _cfg(url: str = "", **kwargs):
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/ghostnet"
+# timm's GhostNet has this tree and these names, but for the last stage's ConvBnAct (``blocks.9.0.conv``,
+# ``blocks.9.0.bn1``); it pads the same way, so with its weights the outputs are timm's.
+_TIMM_TWINS = {n: n for n in ("ghostnet_050", "ghostnet_100", "ghostnet_130")}
+
+_TIMM_RENAMES = ((r"^blocks\.9\.0\.conv\.", "blocks.9.features.0."), (r"^blocks\.9\.0\.bn1\.", "blocks.9.features.1."))
+
+
 default_cfgs = generate_default_cfgs({
     "ghostnet_050": _cfg(f"{_MS}/ghostnet_050-85b91860.ckpt"),
     "ghostnet_100": _cfg(f"{_MS}/ghostnet_100-bef8025a.ckpt"),
     "ghostnet_130": _cfg(f"{_MS}/ghostnet_130-cf4c235c.ckpt"),
-})
-
-
-# timm's GhostNet has this tree and these names, but for the last stage's ConvBnAct (``blocks.9.0.conv``,
-# ``blocks.9.0.bn1``); it pads the same way, so with its weights the outputs are timm's.
-TIMM_TWINS = {n: n for n in ("ghostnet_050", "ghostnet_100", "ghostnet_130")}
-TIMM_RENAMES = ((r"^blocks\.9\.0\.conv\.", "blocks.9.features.0."), (r"^blocks\.9\.0\.bn1\.", "blocks.9.features.1."))
+}, timm_twins=_TIMM_TWINS, timm_renames=_TIMM_RENAMES)
 
 
 @register_model

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import AvgPool2d, Conv2d, GlobalAvgPooling, MaxPool2d
+from ..layers.init import fan_in_normal, init_weights, torch_uniform
 from ..registry import register_model
 
 __all__ = ["GoogLeNet", "Inception", "InceptionAux"]
@@ -128,15 +129,7 @@ class GoogLeNet(nn.Module):
         self.pool = GlobalAvgPooling()
         self.dropout = nn.Dropout(p=drop_rate)
         self.classifier = nn.Linear(chs, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in", nonlinearity="leaky_relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_uniform_(m.weight, a=5 ** 0.5)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=fan_in_normal, linear=torch_uniform)
 
     def forward_features(self, x: torch.Tensor, aux: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """The final map; given a list ``aux``, also the auxiliary logits (``aux1``'s, then ``aux2``'s)."""

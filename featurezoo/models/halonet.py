@@ -37,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
-from ..layers.helpers import make_divisible
+from ..layers.helpers import make_divisible, total_stride
+from ..layers.init import he_uniform, init_weights
 from ..registry import register_model
 
 __all__ = ["HaloNet", "HaloAttention", "BottleneckBlock", "SelfAttnBlock", "extract_image_patches"]
@@ -342,9 +343,9 @@ class HaloNet(nn.Module):
         if [len(b) for b in stage_blocks] != list(depth_list):
             raise ValueError(f"depth_list {list(depth_list)} does not match the block lists {stage_blocks}")
         self.stem = Stem(act, in_channels)
-        reduction = 2  # conv1
+        reduction = total_stride(self.stem.conv1, self.stem.conv2, self.stem.conv3)
         self.feature_info = [dict(chs=self.stem.out_channels, reduction=reduction, name="stem.conv3")]
-        reduction *= 2  # pool
+        reduction *= total_stride(self.stem.pool)
         for i, blocks in enumerate(stage_blocks):
             reduction *= stride_list[i]
             self.add_module(f"stage{i + 1}", HaloStage(
@@ -354,17 +355,7 @@ class HaloNet(nn.Module):
         self.num_features = chs_list[-1]
         self.classifier = nn.Sequential(SelectAdaptivePool2d(), nn.Linear(self.num_features, num_classes),
                                         nn.Identity())
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")  # MindSpore HeUniform
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=he_uniform, linear=he_uniform)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -383,7 +374,9 @@ def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet
 
 def _cfg(url: str = "", **kwargs):
     return dict(url=url, num_classes=1000, input_size=(3, 256, 256), first_conv="stem.conv1.conv",
-                classifier="classifier", **kwargs)
+                classifier="classifier", input_sides=(256, 249),
+                size_note="halo attention needs every stage map divisible by its block size 8: sides 256k-7..256k px",
+                **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
@@ -391,7 +384,7 @@ default_cfgs = generate_default_cfgs({
     "halonet_50t": _cfg(f"{_MS}/halonet/halonet_50t-533da6be.ckpt"),
 })
 
-# No TIMM_TWINS: timm's halonet50ts has the same parameters (tests/test_halonet.py maps them), but
+# No timm twin: timm's halonet50ts has the same parameters (tests/test_halonet.py maps them), but
 # its weights would not compute here what they compute in timm (see the module docstring).
 
 

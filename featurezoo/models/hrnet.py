@@ -12,12 +12,11 @@ then ``final_layer``, pooling and ``classifier``.
 
 Features are MindCV's ``HRNetFeatures``: the stem (stride 2) and the four
 final branches after their ``incre_modules`` bottleneck (strides 4..32). They
-come from :meth:`HRNet.forward_intermediates`, which runs the classifier's own
+come from :meth:`HRNet.forward_levels`, which runs the classifier's own
 code and stops as early as the requested outputs allow.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Mapping, Sequence, Tuple, Type, Union
 
 import torch
@@ -25,7 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..features import take_levels
 from ..layers import GlobalAvgPooling
+from ..layers.helpers import total_stride
 from ..registry import register_model
 from .resnet import BasicBlock, Bottleneck
 
@@ -49,10 +50,6 @@ def _conv_bn(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, relu:
     return nn.Sequential(*layers)
 
 
-def _total_stride(module: nn.Module) -> int:
-    return math.prod(m.stride[0] for m in module.modules() if isinstance(m, nn.Conv2d))
-
-
 def _make_layer(block: Block, in_chs: int, channels: int, num_blocks: int, stride: int = 1) -> nn.Sequential:
     out_chs = channels * block.expansion
     down_sample = None
@@ -70,7 +67,7 @@ class HRModule(nn.Module):
     width: a 1x1 conv then nearest upsampling when ``j > i``, a chain of strided
     3x3 convs when ``j < i``, identity when ``j == i``. The module outputs one
     map per entry of ``fuse_layers``: a feature model that needs fewer branches
-    out of the last module shortens that list (see :meth:`HRNet.prune_intermediates`).
+    out of the last module shortens that list (see :meth:`HRNet.prune_levels`).
 
     ``fp16_upsample``: MindCV casts each upsampled term to float16 before adding
     it (``HRModule.construct``), so its outputs move in float16 steps; ``True``
@@ -169,7 +166,7 @@ class HRNet(nn.Module):
         self.bn2 = nn.BatchNorm2d(stem_chs)
         self.relu = nn.ReLU()
         self.feature_info = [dict(chs=stem_chs, reduction=self.conv1.stride[0], name="stem")]
-        reductions = [self.conv1.stride[0] * self.conv2.stride[0]]  # one per branch
+        reductions = [total_stride(self.conv1, self.conv2)]  # one per branch
 
         self.stage1_cfg = stage_cfg["stage1"]
         block = BLOCKS[self.stage1_cfg["block"]]
@@ -184,7 +181,7 @@ class HRNet(nn.Module):
             num_channels = [c * expansion for c in cfg["num_channels"]]
             transition, flags = self._make_transition_layer(pre_stage_channels, num_channels)
             # New branches grow from the coarsest existing one.
-            reductions += [reductions[-1] * _total_stride(transition[i]) for i in range(len(reductions), len(flags))]
+            reductions += [reductions[-1] * total_stride(transition[i]) for i in range(len(reductions), len(flags))]
             self.add_module(f"transition{s - 1}", transition)
             setattr(self, f"transition{s - 1}_flags", flags)
             stage, pre_stage_channels = self._make_stage(cfg, num_channels)
@@ -250,20 +247,21 @@ class HRNet(nn.Module):
         """The four final branches, finest first (MindCV's ``forward_features``)."""
         return self._branches(self._stem(x))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
+    def forward_levels(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
         """The ``feature_info`` entries ``indices`` (ascending), computing nothing past the deepest one."""
+        take, deepest = take_levels(indices, len(self.feature_info))
         x = self._stem(x)
-        out = [x] if indices[0] == 0 else []
-        if indices[-1] > 0:
+        out = [x] if 0 in take else []
+        if deepest > 0:
             branches = self._branches(x)
-            out += [self.incre_modules[i - 1](branches[i - 1]) for i in indices if i > 0]
+            out += [self.incre_modules[i - 1](branches[i - 1]) for i in sorted(take) if i > 0]
         return out
 
-    def prune_intermediates(self, indices: Sequence[int]) -> None:
+    def prune_levels(self, indices: Sequence[int]) -> None:
         """Delete what the features ``indices`` do not need: the classifier head always; everything after
         the stem for ``[0]``; otherwise the unused ``incre_modules`` and the last module's fusions into
         branches past the deepest one requested."""
-        deepest = max(indices)
+        take, deepest = take_levels(indices, len(self.feature_info))
         for name in ("downsample_modules", "final_layer", "pool", "classifier"):
             delattr(self, name)
         if deepest == 0:
@@ -273,7 +271,7 @@ class HRNet(nn.Module):
             return
         # None keeps the ModuleList's positions (branch i <-> incre_modules[i]) and holds nothing.
         for i in range(len(self.incre_modules)):
-            if i + 1 not in indices:
+            if i + 1 not in take:
                 self.incre_modules[i] = None
         del self.stage4[-1].fuse_layers[deepest:]
 
@@ -285,11 +283,6 @@ class HRNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-    # MindCV's feature labels "stem" and "stage1" name no module of its tree, but the feature contract
-    # wants every label to resolve to one. These read-only aliases are not registered, so named_modules()
-    # and state_dict() stay MindCV's: "stem" is the stem as a module (its output is the "stem" feature),
-    # "stage1" is HRNet's first stage, which creates branch 0, as "stage2".."stage4" create branches 1..3.
 
 
 def _stage_cfg(width: int) -> Dict[str, Dict]:
@@ -310,18 +303,19 @@ def _cfg(url: str = "", **kwargs):
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
-default_cfgs = generate_default_cfgs({
-    "hrnet_w32": _cfg(f"{_MS}/hrnet/hrnet_w32-cc4fbd91.ckpt"),
-    "hrnet_w48": _cfg(f"{_MS}/hrnet/hrnet_w48-2e3399cd.ckpt"),
-})
-
-
 # timm models with the same architecture and parameters. timm's hrnet_w32/hrnet_w48 give the head's
 # downsample and final convs biases that MindCV's lack; hrnet_w48_ssld (head_conv_bias=False) does not, and
 # timm has no such w32. The numbers differ: MindCV rounds every upsampled fusion term to float16
 # (fp16_upsample=True, the default here); with fp16_upsample=False they agree at multiples of 32.
-TIMM_TWINS = {"hrnet_w48": "hrnet_w48_ssld"}
-TIMM_RENAMES = ((r"\.downsample\.", ".down_sample."), (r"^downsamp_modules\.", "downsample_modules."))
+_TIMM_TWINS = {"hrnet_w48": "hrnet_w48_ssld"}
+
+_TIMM_RENAMES = ((r"\.downsample\.", ".down_sample."), (r"^downsamp_modules\.", "downsample_modules."))
+
+
+default_cfgs = generate_default_cfgs({
+    "hrnet_w32": _cfg(f"{_MS}/hrnet/hrnet_w32-cc4fbd91.ckpt"),
+    "hrnet_w48": _cfg(f"{_MS}/hrnet/hrnet_w48-2e3399cd.ckpt"),
+}, timm_twins=_TIMM_TWINS, timm_renames=_TIMM_RENAMES)
 
 
 @register_model

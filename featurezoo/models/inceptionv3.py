@@ -9,7 +9,7 @@ default, used only in training) reads ``inception6e`` and needs 299 px.
 
 ``feature_info``: ``conv2b`` (stride 2), ``conv4a`` (4), ``inception5d`` (8),
 ``inception6e`` (16), ``inception7c`` (32): the last module at each stride,
-the same layers as timm's ``inception_v3``. :meth:`InceptionV3.forward_intermediates`
+the same layers as timm's ``inception_v3``. :meth:`InceptionV3.forward_levels`
 is the classifier's own forward; it stops after the deepest requested feature
 and never runs the auxiliary head.
 """
@@ -21,27 +21,13 @@ import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
-from ..layers import AvgPool2d, Conv2d, GlobalAvgPooling, MaxPool2d
+from ..features import take_levels
+from ..layers import AvgPool2d, GlobalAvgPooling, MaxPool2d
+from ..layers.conv_norm_act import BasicConv2d
+from ..layers.init import init_weights, xavier_uniform
 from ..registry import register_model
 
 __all__ = ["InceptionV3"]
-
-_Kernel = Union[int, Tuple[int, int]]
-
-
-class BasicConv2d(nn.Module):
-    """Conv (MindSpore ``pad_mode``, no bias) + BN (eps 1e-3, MindSpore momentum 0.9997) + ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Kernel = 1, stride: int = 1,
-                 pad_mode: str = "same"):
-        super().__init__()
-        self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, pad_mode=pad_mode)
-        self.bn = nn.BatchNorm2d(out_channels, eps=1e-3, momentum=1 - 0.9997)
-        self.relu = nn.ReLU()
-        self.out_channels = out_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.bn(self.conv(x)))
 
 
 def _width(*branches: nn.Module) -> int:
@@ -214,17 +200,13 @@ class InceptionV3(nn.Module):
         self.dropout = nn.Dropout(p=drop_rate)
         self.num_features = chs
         self.classifier = nn.Linear(chs, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
+        init_weights(self, conv=xavier_uniform)
 
     # -- forward ------------------------------------------------------------------------
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
+    def forward_levels(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
         """The ``feature_info`` entries ``indices`` (ascending), computing nothing past the deepest one."""
-        wanted = {self.feature_info[i]["name"] for i in indices}
+        take, deepest = take_levels(indices, len(self.feature_info))
+        wanted = {self.feature_info[i]["name"] for i in take}
         out: List[torch.Tensor] = []
         for name in self.layer_names:
             x = getattr(self, name)(x)
@@ -234,18 +216,19 @@ class InceptionV3(nn.Module):
                     break
         return out
 
-    def prune_intermediates(self, indices: Sequence[int]) -> None:
+    def prune_levels(self, indices: Sequence[int]) -> None:
         """Delete the heads (classifier and auxiliary) and every layer after the deepest feature."""
+        _, deepest = take_levels(indices, len(self.feature_info))
         for name in ("aux", "pool", "dropout", "classifier"):
             if hasattr(self, name):
                 delattr(self, name)
-        last = self.layer_names.index(self.feature_info[max(indices)]["name"])
+        last = self.layer_names.index(self.feature_info[deepest]["name"])
         for name in self.layer_names[last + 1:]:
             delattr(self, name)
         self.layer_names = self.layer_names[:last + 1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_intermediates(x, [len(self.feature_info) - 1])[0]
+        return self.forward_levels(x, [len(self.feature_info) - 1])[0]
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.pool(x)))
@@ -254,7 +237,7 @@ class InceptionV3(nn.Module):
         if not (self.training and self.aux_logits):
             return self.forward_head(self.forward_features(x))
         # The auxiliary head reads the stride-16 feature: one pass gives it and the final map.
-        x16, x = self.forward_intermediates(x, [self._aux_index, len(self.feature_info) - 1])
+        x16, x = self.forward_levels(x, [self._aux_index, len(self.feature_info) - 1])
         return self.forward_head(x), self.aux(x16)
 
 
@@ -265,7 +248,9 @@ def _create_inception_v3(variant: str, pretrained: bool = False, **kwargs) -> In
 def _cfg(url: str = "", **kwargs):
     # MindCV's first_conv "conv1a" is the conv + BN block; the conv is "conv1a.conv". Its classifier is
     # "classifier"; the auxiliary head is a head too (dropped by feature models, sized by num_classes).
-    return dict(url=url, num_classes=1000, first_conv="conv1a.conv", classifier="classifier,aux", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="conv1a.conv", classifier="classifier,aux",
+                min_input_size=(3, 75, 75), size_note="unpadded stride-2 layers: 64 px shrinks to 0x0",
+                valid_padding="unpadded stride-2 convolutions and pools", **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
@@ -274,7 +259,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-# No TIMM_TWINS: timm's inception_v3 has our tensors only when built with aux_logits=True (by default its
+# No timm twin: timm's inception_v3 has our tensors only when built with aux_logits=True (by default its
 # state dict lacks our ``aux`` head), and it computes something else at every size: its branch average
 # pools count the zero padding (F.avg_pool2d's default), MindCV's "same" pools do not.
 

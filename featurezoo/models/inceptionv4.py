@@ -13,38 +13,25 @@ MindCV every stride-2 layer is unpadded (``valid``), so maps are smaller than
 ``feature_info``: inside the stem, ``conv2d_2b_3x3`` (stride 2) and the end of
 the stride-4 part, ``mixed_4a`` (the concatenation of its two branches; named
 by its last branch, ``features.0.mixed_4a_branch_1``); then the last block at
-strides 8, 16 and 32. :meth:`InceptionV4.forward_intermediates` is the
+strides 8, 16 and 32. :meth:`InceptionV4.forward_levels` is the
 classifier's own forward, stopping after the deepest requested feature.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
-from ..layers import AvgPool2d, Conv2d, GlobalAvgPooling, MaxPool2d
+from ..cfg import IndexMap
+from ..features import take_levels
+from ..layers import AvgPool2d, GlobalAvgPooling, MaxPool2d
+from ..layers.conv_norm_act import BasicConv2d
+from ..layers.init import init_weights, xavier_uniform
 from ..registry import register_model
 
 __all__ = ["InceptionV4", "Stem"]
-
-_Kernel = Union[int, Tuple[int, int]]
-
-
-class BasicConv2d(nn.Module):
-    """Conv (MindSpore ``pad_mode``, no bias) + BN (eps 1e-3, MindSpore momentum 0.9997) + ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Kernel = 1, stride: int = 1,
-                 pad_mode: str = "same", padding: int = 0):
-        super().__init__()
-        self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, pad_mode=pad_mode, padding=padding)
-        self.bn = nn.BatchNorm2d(out_channels, eps=1e-3, momentum=1 - 0.9997)
-        self.relu = nn.ReLU()
-        self.out_channels = out_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.bn(self.conv(x)))
 
 
 def _out(branch: nn.Module) -> int:
@@ -228,12 +215,7 @@ class InceptionV4(nn.Module):
         self.dropout = nn.Dropout(p=drop_rate)
         self.num_features = chs
         self.classifier = nn.Linear(chs, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
+        init_weights(self, conv=xavier_uniform)
 
     # -- forward ------------------------------------------------------------------------
     def _steps(self) -> Iterator[Tuple[Callable[[torch.Tensor], torch.Tensor], Optional[int]]]:
@@ -246,20 +228,21 @@ class InceptionV4(nn.Module):
             if position > 0:
                 yield block, self._feature_at.get(position)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
+    def forward_levels(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
         """The ``feature_info`` entries ``indices`` (ascending), computing nothing past the deepest one."""
+        take, deepest = take_levels(indices, len(self.feature_info))
         out = []
         for step, index in self._steps():
             x = step(x)
-            if index in indices:
+            if index in take:
                 out.append(x)
-                if index == indices[-1]:
+                if index == deepest:
                     break
         return out
 
-    def prune_intermediates(self, indices: Sequence[int]) -> None:
+    def prune_levels(self, indices: Sequence[int]) -> None:
         """Delete the head and every module after the deepest feature in ``indices`` (inside the stem too)."""
-        deepest = max(indices)
+        _, deepest = take_levels(indices, len(self.feature_info))
         for name in ("pool", "dropout", "classifier"):
             delattr(self, name)
         last = next((p for p, i in self._feature_at.items() if i == deepest), 0)  # 0: inside the stem
@@ -274,7 +257,7 @@ class InceptionV4(nn.Module):
                 delattr(stem, name)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_intermediates(x, [len(self.feature_info) - 1])[0]
+        return self.forward_levels(x, [len(self.feature_info) - 1])[0]
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.pool(x)))
@@ -289,31 +272,33 @@ def _create_inception_v4(variant: str, pretrained: bool = False, **kwargs) -> In
 
 def _cfg(url: str = "", **kwargs):
     return dict(url=url, num_classes=1000, first_conv="features.0.conv2d_1a_3x3.conv", classifier="classifier",
-                **kwargs)
+                min_input_size=(3, 75, 75), size_note="unpadded stride-2 layers: 64 px shrinks to 0x0",
+                valid_padding="unpadded stride-2 convolutions and pools", **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
-default_cfgs = generate_default_cfgs({
-    "inception_v4": _cfg(f"{_MS}/inception_v4/inception_v4-db9c45b3.ckpt"),
-})
-
-
 # timm's inception_v4 has the same architecture and parameters, and computes what MindCV does at any size:
 # BN eps 1e-3, unpadded stride-2 layers, symmetric 'same' convs, branch average pools that ignore padding.
 # Its features.0-5 are our stem, features.0 here; its blocks features.6-21 are our features.1-16.
-TIMM_TWINS = {"inception_v4": "inception_v4"}
-TIMM_RENAMES = (
+_TIMM_TWINS = {"inception_v4": "inception_v4"}
+
+_TIMM_RENAMES = (
     (r"^features\.0\.", "features.0.conv2d_1a_3x3."), (r"^features\.1\.", "features.0.conv2d_2a_3x3."),
     (r"^features\.2\.", "features.0.conv2d_2b_3x3."), (r"^features\.3\.conv\.", "features.0.mixed_3a_branch_1."),
     (r"^features\.4\.branch(\d)\.", r"features.0.mixed_4a_branch_\1."),
     (r"^features\.5\.conv\.", "features.0.mixed_5a_branch_0."),
-    (r"^features\.(\d+)\.branch", lambda m: f"features.{int(m[1]) - 5}.branch"),
+    (r"^features\.(\d+)\.branch", IndexMap("features.{0}.branch", (1, -5))),
     # Inception-C's split branches
     (r"\.branch1_0\.", ".branch_1."), (r"\.branch1_1a\.", ".branch_1_1."), (r"\.branch1_1b\.", ".branch_1_2."),
     (r"\.branch2_([012])\.", r".branch_2.\1."), (r"\.branch2_3a\.", ".branch_2_1."),
     (r"\.branch2_3b\.", ".branch_2_2."),
     (r"\.branch(\d)\.", r".branch_\1."), (r"^last_linear\.", "classifier."),
 )
+
+
+default_cfgs = generate_default_cfgs({
+    "inception_v4": _cfg(f"{_MS}/inception_v4/inception_v4-db9c45b3.ckpt"),
+}, timm_twins=_TIMM_TWINS, timm_renames=_TIMM_RENAMES)
 
 
 @register_model

@@ -12,7 +12,6 @@ MindCV has no ``feature_info`` here; ours is the last layer at each reduction:
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Sequence
 
 import torch
@@ -22,7 +21,8 @@ from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import GlobalAvgPooling
 from ..layers.activation import Swish
 from ..layers.feature_levels import note_feature
-from ..layers.helpers import make_divisible
+from ..layers.helpers import make_divisible, total_stride
+from ..layers.init import fan_out_normal, init_weights, inv_sqrt_out_uniform
 from ..layers.squeeze_excite import SqueezeExcite
 from ..registry import register_model
 
@@ -187,7 +187,7 @@ class MixNet(nn.Module):
             nn.BatchNorm2d(stem_channels),
             nn.ReLU(),
         )
-        reduction = 2
+        reduction = total_stride(self.stem_conv)
         self.feature_info: List[Dict] = []
         note_feature(self.feature_info, stem_channels, reduction, "stem_conv")
         layers: List[nn.Module] = []
@@ -208,22 +208,7 @@ class MixNet(nn.Module):
         self.pool = GlobalAvgPooling()
         self.dropout = nn.Dropout(p=drop_rate)
         self.classifier = nn.Linear(feature_size, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                bound = 1.0 / math.sqrt(m.weight.shape[0])
-                nn.init.uniform_(m.weight, -bound, bound)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=fan_out_normal, linear=inv_sqrt_out_uniform)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_conv(self.layers(self.stem_conv(x)))

@@ -18,7 +18,8 @@ import torch.nn as nn
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import GlobalAvgPooling
 from ..layers.feature_levels import note_feature
-from ..layers.helpers import make_divisible
+from ..layers.helpers import make_divisible, total_stride
+from ..layers.init import fan_out_normal, init_weights, lecun_uniform_fan_out
 from ..registry import register_model
 
 __all__ = ["Mnasnet", "InvertedResidual"]
@@ -90,7 +91,7 @@ class Mnasnet(nn.Module):
             nn.Conv2d(mid_channels, input_channels, 1, bias=False),
             _bn(input_channels),
         ]
-        reduction = 2
+        reduction = total_stride(*features)
         self.feature_info: List[Dict] = []
         note_feature(self.feature_info, input_channels, reduction, f"features.{len(features) - 1}")
         for t, c, n, s, k in _SETTING:
@@ -104,24 +105,12 @@ class Mnasnet(nn.Module):
         features += [nn.Conv2d(input_channels, _HEAD_CHANNELS, 1, bias=False), _bn(_HEAD_CHANNELS), nn.ReLU()]
         note_feature(self.feature_info, _HEAD_CHANNELS, reduction, f"features.{len(features) - 1}")
         self.features = nn.Sequential(*features)
-        self.flatten_sequential = True
 
         self.pool = GlobalAvgPooling()
         self.dropout = nn.Dropout(p=drop_rate)
         self.num_features = _HEAD_CHANNELS
         self.classifier = nn.Linear(_HEAD_CHANNELS, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_uniform_(m.weight, mode="fan_out", nonlinearity="sigmoid")
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=fan_out_normal, linear=lecun_uniform_fan_out)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

@@ -17,6 +17,8 @@ import torch.nn as nn
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import GlobalAvgPooling
 from ..layers.feature_levels import note_feature
+from ..layers.helpers import total_stride
+from ..layers.init import init_weights, trunc_normal, xavier_uniform
 from ..registry import register_model
 
 __all__ = ["MobileNetV1", "depthwise_separable_conv"]
@@ -56,7 +58,7 @@ class MobileNetV1(nn.Module):
             nn.BatchNorm2d(input_channels),
             nn.ReLU(),
         ]
-        reduction = 2
+        reduction = total_stride(*features)
         self.feature_info: List[Dict] = []
         note_feature(self.feature_info, input_channels, reduction, f"features.{len(features) - 1}")
         for c, s in _SETTING:
@@ -66,20 +68,11 @@ class MobileNetV1(nn.Module):
             reduction *= s
             note_feature(self.feature_info, output_channels, reduction, f"features.{len(features) - 1}")
         self.features = nn.Sequential(*features)
-        self.flatten_sequential = True
 
         self.pool = GlobalAvgPooling()
         self.num_features = input_channels
         self.classifier = nn.Linear(input_channels, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
-            elif isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.01, a=-0.02, b=0.02)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=xavier_uniform, linear=trunc_normal(0.01, -0.02, 0.02))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

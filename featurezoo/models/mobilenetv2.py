@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import GlobalAvgPooling
-from ..layers.helpers import make_divisible
-from ..layers.init import init_fan_out_normal
+from ..layers.helpers import make_divisible, total_stride
+from ..layers.init import fan_out_normal, init_weights, normal
 from ..registry import register_model
 
 __all__ = ["MobileNetV2", "InvertedResidual"]
@@ -84,9 +84,8 @@ class MobileNetV2(nn.Module):
             nn.BatchNorm2d(input_channels),
             nn.ReLU6(),
         ]
-        reduction = 2
+        reduction = total_stride(*features)
         self.feature_info = [dict(chs=input_channels, reduction=reduction, name=f"features.{len(features) - 1}")]
-        self.flatten_sequential = True
         for t, c, n, s in _SETTING:
             out_channels = make_divisible(c * alpha, round_nearest)
             for i in range(n):
@@ -104,7 +103,7 @@ class MobileNetV2(nn.Module):
         self.pool = GlobalAvgPooling()
         self.num_features = last_channels
         self.classifier = nn.Sequential(nn.Dropout(p=0.2), nn.Linear(last_channels, num_classes))
-        init_fan_out_normal(self)
+        init_weights(self, conv=fan_out_normal, linear=normal(0.01))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -125,6 +124,30 @@ def _cfg(url: str = "", **kwargs):
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/mobilenet/mobilenetv2"
+# timm models with the same architecture and parameters (the resolution variants share their width's
+# twin; timm has no width 1.3). Both pad every conv symmetrically: the numbers agree at any input size.
+_TIMM_TWINS = {
+    **{f"mobilenet_v2_{w}{r}": f"mobilenetv2_{w}" for w, rs in (
+        ("140", ("",)), ("100", ("", "_192", "_160", "_128", "_96")), ("075", ("", "_192", "_160", "_128", "_96")),
+        ("050", ("_224", "_192", "_160", "_128", "_96")), ("035", ("_224", "_192", "_160", "_128", "_96")))
+       for r in rs},
+}
+
+# timm's blocks.<stage>.<i> are features.<3 + block number> here (the stem is features.0-2); its first block
+# (depthwise-separable, no expansion) names its layers differently from the inverted residuals.
+_TIMM_RENAMES = (
+    (r"^conv_stem\.", "features.0."), (r"^bn1\.", "features.1."),
+    (r"^conv_head\.", "features.20."), (r"^bn2\.", "features.21."), (r"^classifier\.", "classifier.1."),
+    (r"^blocks\.0\.0\.conv_dw\.", "features.3.layers.0."), (r"^blocks\.0\.0\.bn1\.", "features.3.layers.1."),
+    (r"^blocks\.0\.0\.conv_pw\.", "features.3.layers.3."), (r"^blocks\.0\.0\.bn2\.", "features.3.layers.4."),
+    (r"^(blocks\.\d+\.\d+\.)conv_pw\.", r"\1layers.0."), (r"^(blocks\.\d+\.\d+\.)bn1\.", r"\1layers.1."),
+    (r"^(blocks\.\d+\.\d+\.)conv_dw\.", r"\1layers.3."), (r"^(blocks\.\d+\.\d+\.)bn2\.", r"\1layers.4."),
+    (r"^(blocks\.\d+\.\d+\.)conv_pwl\.", r"\1layers.6."), (r"^(blocks\.\d+\.\d+\.)bn3\.", r"\1layers.7."),
+    *((rf"^blocks\.{s}\.{i}\.", f"features.{3 + b}.") for b, (s, i) in enumerate(
+        (s, i) for s, (_, _, n, _) in enumerate(_SETTING) for i in range(n))),
+)
+
+
 default_cfgs = generate_default_cfgs({
     "mobilenet_v2_140": _cfg(f"{_MS}/mobilenet_v2_140-98776171.ckpt"),
     "mobilenet_v2_130_224": _cfg(),
@@ -148,30 +171,7 @@ default_cfgs = generate_default_cfgs({
     "mobilenet_v2_035_160": _cfg(),
     "mobilenet_v2_035_128": _cfg(),
     "mobilenet_v2_035_96": _cfg(),
-})
-
-
-# timm models with the same architecture and parameters (the resolution variants share their width's
-# twin; timm has no width 1.3). Both pad every conv symmetrically: the numbers agree at any input size.
-TIMM_TWINS = {
-    **{f"mobilenet_v2_{w}{r}": f"mobilenetv2_{w}" for w, rs in (
-        ("140", ("",)), ("100", ("", "_192", "_160", "_128", "_96")), ("075", ("", "_192", "_160", "_128", "_96")),
-        ("050", ("_224", "_192", "_160", "_128", "_96")), ("035", ("_224", "_192", "_160", "_128", "_96")))
-       for r in rs},
-}
-# timm's blocks.<stage>.<i> are features.<3 + block number> here (the stem is features.0-2); its first block
-# (depthwise-separable, no expansion) names its layers differently from the inverted residuals.
-TIMM_RENAMES = (
-    (r"^conv_stem\.", "features.0."), (r"^bn1\.", "features.1."),
-    (r"^conv_head\.", "features.20."), (r"^bn2\.", "features.21."), (r"^classifier\.", "classifier.1."),
-    (r"^blocks\.0\.0\.conv_dw\.", "features.3.layers.0."), (r"^blocks\.0\.0\.bn1\.", "features.3.layers.1."),
-    (r"^blocks\.0\.0\.conv_pw\.", "features.3.layers.3."), (r"^blocks\.0\.0\.bn2\.", "features.3.layers.4."),
-    (r"^(blocks\.\d+\.\d+\.)conv_pw\.", r"\1layers.0."), (r"^(blocks\.\d+\.\d+\.)bn1\.", r"\1layers.1."),
-    (r"^(blocks\.\d+\.\d+\.)conv_dw\.", r"\1layers.3."), (r"^(blocks\.\d+\.\d+\.)bn2\.", r"\1layers.4."),
-    (r"^(blocks\.\d+\.\d+\.)conv_pwl\.", r"\1layers.6."), (r"^(blocks\.\d+\.\d+\.)bn3\.", r"\1layers.7."),
-    *((rf"^blocks\.{s}\.{i}\.", f"features.{3 + b}.") for b, (s, i) in enumerate(
-        (s, i) for s, (_, _, n, _) in enumerate(_SETTING) for i in range(n))),
-)
+}, timm_twins=_TIMM_TWINS, timm_renames=_TIMM_RENAMES)
 
 
 @register_model

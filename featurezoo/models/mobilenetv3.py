@@ -16,9 +16,9 @@ import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import Conv2d, GlobalAvgPooling
-from ..layers.helpers import make_divisible
+from ..layers.helpers import make_divisible, total_stride
+from ..layers.init import fan_out_normal, init_weights, normal
 from ..layers.squeeze_excite import SqueezeExcite
-from ..layers.init import init_fan_out_normal
 from ..registry import register_model
 
 __all__ = ["MobileNetV3", "Bottleneck"]
@@ -117,7 +117,7 @@ class MobileNetV3(nn.Module):
             nn.BatchNorm2d(input_channels),
             nn.Hardswish(inplace=True),
         ]
-        reduction = 2
+        reduction = total_stride(*features)
         self.feature_info = [dict(chs=input_channels, reduction=reduction, name=f"features.{len(features) - 1}")]
         for k, e, c, se, nl, s in setting:
             exp_channels = make_divisible(alpha * e, round_nearest)
@@ -132,7 +132,6 @@ class MobileNetV3(nn.Module):
         features += [nn.Conv2d(input_channels, output_channels, 1, bias=False), nn.BatchNorm2d(output_channels),
                      nn.Hardswish(inplace=True)]
         self.feature_info.append(dict(chs=output_channels, reduction=reduction, name=f"features.{len(features) - 1}"))
-        self.flatten_sequential = True
         self.features = nn.Sequential(*features)
 
         self.pool = GlobalAvgPooling()
@@ -143,7 +142,7 @@ class MobileNetV3(nn.Module):
             nn.Dropout(p=0.2),
             nn.Linear(last_channels, num_classes),
         )
-        init_fan_out_normal(self)
+        init_weights(self, conv=fan_out_normal, linear=normal(0.01))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -164,19 +163,19 @@ def _cfg(url: str = "", **kwargs):
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/mobilenet/mobilenetv3"
+# No timm twins. timm's mobilenetv3_{small,large}_100 (and tf_*) have our parameters, but the
+# classifier's hidden layer is a 1x1 conv there (conv_head, 4-D weight) and a Linear here (2-D), so one
+# tensor would need a reshape; timm's *_075 models also keep that layer 1280 (large) / 1024 (small) wide,
+# where MindCV scales it to 960 / 768.
+_TIMM_TWINS: dict = {}
+
+
 default_cfgs = generate_default_cfgs({
     "mobilenet_v3_small_100": _cfg(f"{_MS}/mobilenet_v3_small_100-509c6047.ckpt"),
     "mobilenet_v3_large_100": _cfg(f"{_MS}/mobilenet_v3_large_100-1279ad5f.ckpt"),
     "mobilenet_v3_small_075": _cfg(),
     "mobilenet_v3_large_075": _cfg(),
-})
-
-
-# No timm twins. timm's mobilenetv3_{small,large}_100 (and tf_*) have our parameters, but the
-# classifier's hidden layer is a 1x1 conv there (conv_head, 4-D weight) and a Linear here (2-D), so one
-# tensor would need a reshape; timm's *_075 models also keep that layer 1280 (large) / 1024 (small) wide,
-# where MindCV scales it to 960 / 768.
-TIMM_TWINS: dict = {}
+}, timm_twins=_TIMM_TWINS)
 
 
 @register_model

@@ -8,7 +8,7 @@ previous cell's output ``x`` and the one before it, ``x_prev``.
 
 ``feature_info``: the stem conv (stride 2), ``cell_stem_0`` (4), the last cell
 of each stage (``cell_3``: 8, ``cell_9``: 16) and the final ReLU (32), the
-strides timm's NASNet taps. :meth:`NASNetAMobile.forward_intermediates` is the
+strides timm's NASNet taps. :meth:`NASNetAMobile.forward_levels` is the
 classifier's own forward, stopping after the deepest requested feature.
 
 Sizes follow MindCV exactly: the stem conv is unpadded (64 px -> 31, so a map
@@ -19,14 +19,16 @@ model, and so this one, fails on other sizes (67 px gives 9 there).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import AvgPool2d, GlobalAvgPooling, MaxPool2d
-from ..layers.init import init_fan_out_normal
+from ..layers.helpers import total_stride
+from ..layers.init import fan_out_normal, init_weights, normal
+from ..layers.nas_cells import CellChain, SeparableConv2d
 from ..registry import register_model
 
 __all__ = ["NASNetAMobile", "CellStem0", "CellStem1", "FirstCell", "NormalCell", "ReductionCell0",
@@ -47,20 +49,6 @@ def _max_pool(stride: int) -> MaxPool2d:
 
 def _avg_pool(stride: int) -> AvgPool2d:
     return AvgPool2d(3, stride, pad_mode="same")
-
-
-class SeparableConv2d(nn.Module):
-    """Depthwise ``k x k`` conv (explicit padding) then pointwise 1x1 conv."""
-
-    def __init__(self, in_channels: int, out_channels: int, dw_kernel: int, dw_stride: int, dw_padding: int,
-                 bias: bool = False):
-        super().__init__()
-        self.depthwise_conv2d = nn.Conv2d(in_channels, in_channels, dw_kernel, dw_stride, dw_padding,
-                                          groups=in_channels, bias=bias)
-        self.pointwise_conv2d = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pointwise_conv2d(self.depthwise_conv2d(x))
 
 
 class BranchSeparables(nn.Module):
@@ -271,7 +259,7 @@ class ReductionCell1(_ReductionCell):
     branch = BranchSeparables
 
 
-class NASNetAMobile(nn.Module):
+class NASNetAMobile(CellChain):
     """NASNet-A classifier; ``feature_info``: ``conv0``, ``cell_stem_0``, ``cell_3``, ``cell_9``, ``relu``.
 
     Args:
@@ -290,7 +278,7 @@ class NASNetAMobile(nn.Module):
         filters = penultimate_filters // 24
 
         self.conv0 = nn.Sequential(nn.Conv2d(in_channels, stem_filters, 3, 2, bias=False), _bn(stem_filters))
-        reduction = 2
+        reduction = total_stride(self.conv0)
         # (name, channels, reduction) of every module of the forward chain, in order.
         levels: List[Tuple[str, int, int]] = [("conv0", stem_filters, reduction)]
         for i, num in enumerate((filters // filters_multiplier ** 2, filters // filters_multiplier)):
@@ -314,10 +302,8 @@ class NASNetAMobile(nn.Module):
         self.classifier = nn.Linear(self.num_features, num_classes)
         self.pool = GlobalAvgPooling()
 
-        self._chain = [name for name, _, _ in levels]
-        self.feature_info = [dict(chs=chs, reduction=red, name=name) for i, (name, chs, red) in enumerate(levels)
-                             if i + 1 == len(levels) or levels[i + 1][2] != red]
-        init_fan_out_normal(self)
+        self._set_chain(levels)
+        init_weights(self, conv=fan_out_normal, linear=normal(0.01))
 
     def _add_cell(self, name: str, cls: type, out_left: int, out_right: int, levels: List[Tuple[str, int, int]],
                   stride: int = 1) -> None:
@@ -327,30 +313,8 @@ class NASNetAMobile(nn.Module):
         self.add_module(name, cell)
         levels.append((name, cell.out_channels, reduction * stride))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
-        """The ``feature_info`` entries ``indices`` (ascending), computing nothing past the deepest one."""
-        wanted = {self.feature_info[i]["name"] for i in indices}
-        last = self.feature_info[indices[-1]]["name"]
-        out: List[torch.Tensor] = []
-        x_prev = x
-        for name in self._chain:
-            module = getattr(self, name)
-            x_prev, x = x, (module(x, x_prev) if isinstance(module, TwoInputCell) else module(x))
-            if name in wanted:
-                out.append(x)
-            if name == last:
-                break
-        return out
-
-    def prune_intermediates(self, indices: Sequence[int]) -> None:
-        """Delete the head and every module after the deepest feature in ``indices``."""
-        last = self.feature_info[max(indices)]["name"]
-        names = list(self._modules)
-        for name in names[names.index(last) + 1:]:
-            delattr(self, name)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_intermediates(x, [len(self.feature_info) - 1])[0]
+    def run_module(self, module: nn.Module, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
+        return module(x, x_prev) if isinstance(module, TwoInputCell) else module(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.pool(x)))
@@ -364,7 +328,9 @@ def _create_nasnet(variant: str, pretrained: bool = False, **kwargs) -> NASNetAM
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="conv0.0", classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="conv0.0", classifier="classifier",
+                valid_padding="unpadded 3x3 stride-2 stem; reduction_cell_0 needs an even stride-8 map (MindCV too)",
+                **kwargs)
 
 
 default_cfgs: Dict = generate_default_cfgs({

@@ -10,7 +10,7 @@ first (``FactorizedReduction``).
 ``feature_info``: the stem conv (stride 2), ``cell_stem_0`` (4) and the last
 cell at strides 8, 16 and 32 (``cell_2``, ``cell_5``, ``cell_8``), the strides
 timm's PNASNet taps. MindCV applies the final ReLU in the head, so the stride-32
-feature is ``cell_8``'s output before it. :meth:`Pnasnet.forward_intermediates`
+feature is ``cell_8``'s output before it. :meth:`Pnasnet.forward_levels`
 is the classifier's own forward, stopping after the deepest requested feature.
 
 Sizes follow MindCV exactly: the stem conv is unpadded (64 px -> 31, so a map
@@ -22,14 +22,15 @@ fails unless the stride-8 map is even (67 px gives 9 there).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import GlobalAvgPooling, MaxPool2d
-from ..layers.init import init_fan_out_normal
+from ..layers.init import fan_out_normal, init_weights, normal
+from ..layers.nas_cells import CellChain, SeparableConv2d
 from ..registry import register_model
 
 __all__ = ["Pnasnet", "CellStem0", "Cell"]
@@ -62,19 +63,6 @@ class MaxPool(nn.Module):
         if self.pad:
             return self.pool(self.zero_pad(x))[:, :, 1:, 1:]
         return self.pool(x)
-
-
-class SeparableConv2d(nn.Module):
-    """Depthwise ``k x k`` conv (padding ``k // 2``) then pointwise 1x1 conv, no biases."""
-
-    def __init__(self, in_channels: int, out_channels: int, dw_kernel_size: int, dw_stride: int, dw_padding: int):
-        super().__init__()
-        self.depthwise_conv2d = nn.Conv2d(in_channels, in_channels, dw_kernel_size, dw_stride, dw_padding,
-                                          groups=in_channels, bias=False)
-        self.pointwise_conv2d = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pointwise_conv2d(self.depthwise_conv2d(x))
 
 
 class BranchSeparables(nn.Module):
@@ -216,7 +204,7 @@ class Cell(CellBase):
         return self.cell_forward(self.conv_prev_1x1(x_left), self.conv_1x1(x_right))
 
 
-class Pnasnet(nn.Module):
+class Pnasnet(CellChain):
     """PNASNet-5 classifier; ``feature_info``: ``conv_0``, ``cell_stem_0``, ``cell_2``, ``cell_5``, ``cell_8``.
 
     Args:
@@ -246,35 +234,11 @@ class Pnasnet(nn.Module):
         self.dropout = nn.Dropout(0.5)
         self.last_linear = nn.Linear(self.num_features, num_classes)
 
-        self._chain = [name for name, _, _ in levels]
-        self.feature_info = [dict(chs=chs, reduction=red, name=name) for i, (name, chs, red) in enumerate(levels)
-                             if i + 1 == len(levels) or levels[i + 1][2] != red]
-        init_fan_out_normal(self)
+        self._set_chain(levels)
+        init_weights(self, conv=fan_out_normal, linear=normal(0.01))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
-        """The ``feature_info`` entries ``indices`` (ascending), computing nothing past the deepest one."""
-        wanted = {self.feature_info[i]["name"] for i in indices}
-        last = self.feature_info[indices[-1]]["name"]
-        out: List[torch.Tensor] = []
-        x_prev = x
-        for name in self._chain:
-            module = getattr(self, name)
-            x_prev, x = x, (module(x_prev, x) if isinstance(module, Cell) else module(x))
-            if name in wanted:
-                out.append(x)
-            if name == last:
-                break
-        return out
-
-    def prune_intermediates(self, indices: Sequence[int]) -> None:
-        """Delete the head and every cell after the deepest feature in ``indices``."""
-        last = self.feature_info[max(indices)]["name"]
-        names = list(self._modules)
-        for name in names[names.index(last) + 1:]:
-            delattr(self, name)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_intermediates(x, [len(self.feature_info) - 1])[0]
+    def run_module(self, module: nn.Module, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
+        return module(x_prev, x) if isinstance(module, Cell) else module(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.last_linear(self.dropout(self.pool(self.relu(x))))
@@ -288,7 +252,8 @@ def _create_pnasnet(variant: str, pretrained: bool = False, **kwargs) -> Pnasnet
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="conv_0.conv", classifier="last_linear", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="conv_0.conv", classifier="last_linear",
+                valid_padding="unpadded 3x3 stride-2 stem; cell_3 needs an even stride-8 map (MindCV too)", **kwargs)
 
 
 default_cfgs: Dict = generate_default_cfgs({

@@ -9,7 +9,7 @@ first block. All convs pad explicitly (``k // 2``), so a map has exactly
 
 ``feature_info``: the stem (stride 2) and the end of each stage (strides 4, 8,
 16, 32), as timm's RegNet taps. The stages sit in a ``ModuleList`` (MindCV's
-``CellList``), so :meth:`RegNet.forward_intermediates` is the classifier's own
+``CellList``), so :meth:`RegNet.forward_levels` is the classifier's own
 forward, stopping after the deepest requested feature.
 
 Checkpoint names: MindCV's ``stages`` CellList is empty when attached to the
@@ -19,23 +19,26 @@ networks and checkpoints therefore name the stages' parameters
 ``0.blocks.{j}...`` (stage 0) and ``0.blocks.{i}.blocks.{j}...`` (stage i > 0),
 which no module tree can reproduce where stage 0 has two blocks or more
 (``0.blocks.1`` would be both a block and a stage). The module tree here keeps the names MindCV's code declares
-(``stages.{i}.blocks.{j}``); ``MINDCV_RENAMES`` maps MindSpore's names onto them.
+(``stages.{i}.blocks.{j}``); its cfg's ``mindcv_renames`` map MindSpore's names onto them.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..cfg import IndexMap
+from ..features import take_levels
 from ..layers import GlobalAvgPooling
+from ..layers.init import fan_out_normal, init_weights, normal
 from ..layers.squeeze_excite import SqueezeExcite
-from ..layers.init import init_fan_out_normal
 from ..registry import register_model
 
-__all__ = ["RegNet", "ResBottleneckBlock", "BottleneckTransform", "generate_regnet", "MINDCV_RENAMES"]
+__all__ = ["RegNet", "ResBottleneckBlock", "BottleneckTransform", "generate_regnet"]
 
 
 def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -190,27 +193,29 @@ class RegNet(nn.Module):
             prev_w = w
         self.num_features = prev_w
         self.head = AnyHead(prev_w, num_classes)
-        init_fan_out_normal(self)
+        init_weights(self, conv=fan_out_normal, linear=normal(0.01))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
+    def forward_levels(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
         """The ``feature_info`` entries ``indices`` (ascending), computing nothing past the deepest one."""
-        deepest, out = indices[-1], []
+        take, deepest = take_levels(indices, len(self.feature_info))
+        out = []
         x = self.stem(x)
-        if indices[0] == 0:
+        if 0 in take:
             out.append(x)
         for i, stage in enumerate(self.stages[:deepest], start=1):
             x = stage(x)
-            if i in indices:
+            if i in take:
                 out.append(x)
         return out
 
-    def prune_intermediates(self, indices: Sequence[int]) -> None:
+    def prune_levels(self, indices: Sequence[int]) -> None:
         """Delete the head and every stage after the deepest feature in ``indices``."""
+        _, deepest = take_levels(indices, len(self.feature_info))
         del self.head
-        del self.stages[max(indices):]
+        del self.stages[deepest:]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_intermediates(x, [len(self.feature_info) - 1])[0]
+        return self.forward_levels(x, [len(self.feature_info) - 1])[0]
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)
@@ -220,7 +225,48 @@ class RegNet(nn.Module):
 
 
 def _create_regnet(variant: str, pretrained: bool = False, **kwargs) -> RegNet:
-    return build_model_with_cfg(RegNet, pretrained, default_cfg=default_cfgs[variant], **kwargs)
+    return build_model_with_cfg(RegNet, pretrained, default_cfg=default_cfgs[variant], **vars(model_cfgs[variant]),
+                                **kwargs)
+
+
+@dataclass(frozen=True)
+class RegNetCfg:
+    """A variant's width rule (see :class:`RegNet`); ``se_r=0.25`` makes it a RegNetY."""
+
+    w_a: float
+    w_0: int
+    w_m: float
+    d: int
+    group_w: int
+    se_r: float = 0.0
+
+
+model_cfgs = dict(
+    regnet_x_200mf=RegNetCfg(w_a=36.44, w_0=24, w_m=2.49, d=13, group_w=8),
+    regnet_x_400mf=RegNetCfg(w_a=24.48, w_0=24, w_m=2.54, d=22, group_w=16),
+    regnet_x_600mf=RegNetCfg(w_a=36.97, w_0=48, w_m=2.24, d=16, group_w=24),
+    regnet_x_800mf=RegNetCfg(w_a=35.73, w_0=56, w_m=2.28, d=16, group_w=16),
+    regnet_x_1_6gf=RegNetCfg(w_a=34.01, w_0=80, w_m=2.25, d=18, group_w=24),
+    regnet_x_3_2gf=RegNetCfg(w_a=26.31, w_0=88, w_m=2.25, d=25, group_w=48),
+    regnet_x_4_0gf=RegNetCfg(w_a=38.65, w_0=96, w_m=2.43, d=23, group_w=40),
+    regnet_x_6_4gf=RegNetCfg(w_a=60.83, w_0=184, w_m=2.07, d=17, group_w=56),
+    regnet_x_8_0gf=RegNetCfg(w_a=49.56, w_0=80, w_m=2.88, d=23, group_w=120),
+    regnet_x_12gf=RegNetCfg(w_a=73.36, w_0=168, w_m=2.37, d=19, group_w=112),
+    regnet_x_16gf=RegNetCfg(w_a=55.59, w_0=216, w_m=2.1, d=22, group_w=128),
+    regnet_x_32gf=RegNetCfg(w_a=69.86, w_0=320, w_m=2.0, d=23, group_w=168),
+    regnet_y_200mf=RegNetCfg(w_a=36.44, w_0=24, w_m=2.49, d=13, group_w=8, se_r=0.25),
+    regnet_y_400mf=RegNetCfg(w_a=27.89, w_0=48, w_m=2.09, d=16, group_w=8, se_r=0.25),
+    regnet_y_600mf=RegNetCfg(w_a=32.54, w_0=48, w_m=2.32, d=15, group_w=16, se_r=0.25),
+    regnet_y_800mf=RegNetCfg(w_a=38.84, w_0=56, w_m=2.4, d=14, group_w=16, se_r=0.25),
+    regnet_y_1_6gf=RegNetCfg(w_a=20.71, w_0=48, w_m=2.65, d=27, group_w=24, se_r=0.25),
+    regnet_y_3_2gf=RegNetCfg(w_a=42.63, w_0=80, w_m=2.66, d=21, group_w=24, se_r=0.25),
+    regnet_y_4_0gf=RegNetCfg(w_a=31.41, w_0=96, w_m=2.24, d=22, group_w=64, se_r=0.25),
+    regnet_y_6_4gf=RegNetCfg(w_a=33.22, w_0=112, w_m=2.27, d=25, group_w=72, se_r=0.25),
+    regnet_y_8_0gf=RegNetCfg(w_a=76.82, w_0=192, w_m=2.19, d=17, group_w=56, se_r=0.25),
+    regnet_y_12gf=RegNetCfg(w_a=73.36, w_0=168, w_m=2.37, d=19, group_w=112, se_r=0.25),
+    regnet_y_16gf=RegNetCfg(w_a=106.23, w_0=200, w_m=2.48, d=18, group_w=112, se_r=0.25),
+    regnet_y_32gf=RegNetCfg(w_a=115.89, w_0=232, w_m=2.53, d=20, group_w=232, se_r=0.25),
+)
 
 
 def _cfg(url: str = "", **kwargs):
@@ -229,6 +275,26 @@ def _cfg(url: str = "", **kwargs):
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/regnet"
+# MindSpore's parameter names of the stages (see the module docstring) -> ours; applied in order.
+_MINDCV_RENAMES = ((r"^0\.blocks\.(\d+)\.blocks\.", r"stages.\1.blocks."), (r"^0\.blocks\.", "stages.0.blocks."))
+
+# timm models with the same architecture and parameters (regnetx_002 is regnet_x_200mf, ...).
+_TIMM_TWINS = {
+    f"regnet_{xy}_{ours}": f"regnet{xy}_{theirs}" for xy in "xy" for ours, theirs in (
+        ("200mf", "002"), ("400mf", "004"), ("600mf", "006"), ("800mf", "008"), ("1_6gf", "016"), ("3_2gf", "032"),
+        ("4_0gf", "040"), ("6_4gf", "064"), ("8_0gf", "080"), ("12gf", "120"), ("16gf", "160"), ("32gf", "320"))
+}
+
+# timm's s<i>.b<j> (from 1) are stages.<i-1>.blocks.<j-1> here; the block's convs a, b, c and shortcut proj.
+_TIMM_RENAMES = (
+    (r"^s(\d+)\.b(\d+)\.", IndexMap("stages.{0}.blocks.{1}.", (1, -1), (1, -1))),
+    (r"\.conv1\.conv\.", ".f.a."), (r"\.conv1\.bn\.", ".f.a_bn."), (r"\.conv2\.conv\.", ".f.b."),
+    (r"\.conv2\.bn\.", ".f.b_bn."), (r"\.conv3\.conv\.", ".f.c."), (r"\.conv3\.bn\.", ".f.c_bn."),
+    (r"\.se\.fc1\.", ".f.se.conv_reduce."), (r"\.se\.fc2\.", ".f.se.conv_expand."),
+    (r"\.downsample\.conv\.", ".proj."), (r"\.downsample\.bn\.", ".bn."),
+)
+
+
 default_cfgs = generate_default_cfgs({
     "regnet_x_200mf": _cfg(f"{_MS}/regnet_x_200mf-0c2b1eb5.ckpt"),
     "regnet_x_400mf": _cfg(f"{_MS}/regnet_x_400mf-4848837d.ckpt"),
@@ -255,154 +321,124 @@ default_cfgs = generate_default_cfgs({
     "regnet_y_12gf": _cfg(),
     "regnet_y_16gf": _cfg(),
     "regnet_y_32gf": _cfg(),
-})
-
-# MindSpore's parameter names of the stages (see the module docstring) -> ours; applied in order.
-MINDCV_RENAMES = ((r"^0\.blocks\.(\d+)\.blocks\.", r"stages.\1.blocks."), (r"^0\.blocks\.", "stages.0.blocks."))
-
-# timm models with the same architecture and parameters (regnetx_002 is regnet_x_200mf, ...).
-TIMM_TWINS = {
-    f"regnet_{xy}_{ours}": f"regnet{xy}_{theirs}" for xy in "xy" for ours, theirs in (
-        ("200mf", "002"), ("400mf", "004"), ("600mf", "006"), ("800mf", "008"), ("1_6gf", "016"), ("3_2gf", "032"),
-        ("4_0gf", "040"), ("6_4gf", "064"), ("8_0gf", "080"), ("12gf", "120"), ("16gf", "160"), ("32gf", "320"))
-}
-# timm's s<i>.b<j> (from 1) are stages.<i-1>.blocks.<j-1> here; the block's convs a, b, c and shortcut proj.
-TIMM_RENAMES = (
-    (r"^s(\d+)\.b(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.{int(m[2]) - 1}."),
-    (r"\.conv1\.conv\.", ".f.a."), (r"\.conv1\.bn\.", ".f.a_bn."), (r"\.conv2\.conv\.", ".f.b."),
-    (r"\.conv2\.bn\.", ".f.b_bn."), (r"\.conv3\.conv\.", ".f.c."), (r"\.conv3\.bn\.", ".f.c_bn."),
-    (r"\.se\.fc1\.", ".f.se.conv_reduce."), (r"\.se\.fc2\.", ".f.se.conv_expand."),
-    (r"\.downsample\.conv\.", ".proj."), (r"\.downsample\.bn\.", ".bn."),
-)
+}, timm_twins=_TIMM_TWINS, timm_renames=_TIMM_RENAMES, mindcv_renames=_MINDCV_RENAMES)
 
 
 @register_model
 def regnet_x_200mf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_x_200mf", pretrained, w_a=36.44, w_0=24, w_m=2.49, d=13, group_w=8, **kwargs)
+    return _create_regnet("regnet_x_200mf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_x_400mf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_x_400mf", pretrained, w_a=24.48, w_0=24, w_m=2.54, d=22, group_w=16, **kwargs)
+    return _create_regnet("regnet_x_400mf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_x_600mf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_x_600mf", pretrained, w_a=36.97, w_0=48, w_m=2.24, d=16, group_w=24, **kwargs)
+    return _create_regnet("regnet_x_600mf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_x_800mf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_x_800mf", pretrained, w_a=35.73, w_0=56, w_m=2.28, d=16, group_w=16, **kwargs)
+    return _create_regnet("regnet_x_800mf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_x_1_6gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_x_1_6gf", pretrained, w_a=34.01, w_0=80, w_m=2.25, d=18, group_w=24, **kwargs)
+    return _create_regnet("regnet_x_1_6gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_x_3_2gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_x_3_2gf", pretrained, w_a=26.31, w_0=88, w_m=2.25, d=25, group_w=48, **kwargs)
+    return _create_regnet("regnet_x_3_2gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_x_4_0gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_x_4_0gf", pretrained, w_a=38.65, w_0=96, w_m=2.43, d=23, group_w=40, **kwargs)
+    return _create_regnet("regnet_x_4_0gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_x_6_4gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_x_6_4gf", pretrained, w_a=60.83, w_0=184, w_m=2.07, d=17, group_w=56, **kwargs)
+    return _create_regnet("regnet_x_6_4gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_x_8_0gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_x_8_0gf", pretrained, w_a=49.56, w_0=80, w_m=2.88, d=23, group_w=120, **kwargs)
+    return _create_regnet("regnet_x_8_0gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_x_12gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_x_12gf", pretrained, w_a=73.36, w_0=168, w_m=2.37, d=19, group_w=112, **kwargs)
+    return _create_regnet("regnet_x_12gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_x_16gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_x_16gf", pretrained, w_a=55.59, w_0=216, w_m=2.1, d=22, group_w=128, **kwargs)
+    return _create_regnet("regnet_x_16gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_x_32gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_x_32gf", pretrained, w_a=69.86, w_0=320, w_m=2.0, d=23, group_w=168, **kwargs)
+    return _create_regnet("regnet_x_32gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_y_200mf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_y_200mf", pretrained, w_a=36.44, w_0=24, w_m=2.49, d=13, group_w=8, se_r=0.25,
-                          **kwargs)
+    return _create_regnet("regnet_y_200mf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_y_400mf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_y_400mf", pretrained, w_a=27.89, w_0=48, w_m=2.09, d=16, group_w=8, se_r=0.25,
-                          **kwargs)
+    return _create_regnet("regnet_y_400mf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_y_600mf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_y_600mf", pretrained, w_a=32.54, w_0=48, w_m=2.32, d=15, group_w=16, se_r=0.25,
-                          **kwargs)
+    return _create_regnet("regnet_y_600mf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_y_800mf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_y_800mf", pretrained, w_a=38.84, w_0=56, w_m=2.4, d=14, group_w=16, se_r=0.25,
-                          **kwargs)
+    return _create_regnet("regnet_y_800mf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_y_1_6gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_y_1_6gf", pretrained, w_a=20.71, w_0=48, w_m=2.65, d=27, group_w=24, se_r=0.25,
-                          **kwargs)
+    return _create_regnet("regnet_y_1_6gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_y_3_2gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_y_3_2gf", pretrained, w_a=42.63, w_0=80, w_m=2.66, d=21, group_w=24, se_r=0.25,
-                          **kwargs)
+    return _create_regnet("regnet_y_3_2gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_y_4_0gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_y_4_0gf", pretrained, w_a=31.41, w_0=96, w_m=2.24, d=22, group_w=64, se_r=0.25,
-                          **kwargs)
+    return _create_regnet("regnet_y_4_0gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_y_6_4gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_y_6_4gf", pretrained, w_a=33.22, w_0=112, w_m=2.27, d=25, group_w=72, se_r=0.25,
-                          **kwargs)
+    return _create_regnet("regnet_y_6_4gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_y_8_0gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_y_8_0gf", pretrained, w_a=76.82, w_0=192, w_m=2.19, d=17, group_w=56, se_r=0.25,
-                          **kwargs)
+    return _create_regnet("regnet_y_8_0gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_y_12gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_y_12gf", pretrained, w_a=73.36, w_0=168, w_m=2.37, d=19, group_w=112, se_r=0.25,
-                          **kwargs)
+    return _create_regnet("regnet_y_12gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_y_16gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_y_16gf", pretrained, w_a=106.23, w_0=200, w_m=2.48, d=18, group_w=112, se_r=0.25,
-                          **kwargs)
+    return _create_regnet("regnet_y_16gf", pretrained, **kwargs)
 
 
 @register_model
 def regnet_y_32gf(pretrained: bool = False, **kwargs) -> RegNet:
-    return _create_regnet("regnet_y_32gf", pretrained, w_a=115.89, w_0=232, w_m=2.53, d=20, group_w=232, se_r=0.25,
-                          **kwargs)
+    return _create_regnet("regnet_y_32gf", pretrained, **kwargs)

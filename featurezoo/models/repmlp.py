@@ -20,7 +20,7 @@ so parameter names and counts match MindCV's checkpoints.
 
 ``feature_info``: the last unit of each stage (``stages.<i>.<last>``, strides 4,
 8, 16, 32), before the downsampling embedding that follows it;
-:meth:`RepMLPNet.forward_intermediates` is the classifier's own forward.
+:meth:`RepMLPNet.forward_levels` is the classifier's own forward.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..features import take_levels
 from ..registry import register_model
 
 __all__ = ["RepMLPNet", "RepMLPBlock", "RepMLPNetUnit", "locality_injection"]
@@ -299,30 +300,31 @@ class RepMLPNet(nn.Module):
         self.deploy = True
         return self
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
+    def forward_levels(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
         """The ``feature_info`` entries ``indices`` (ascending), computing nothing past the deepest one."""
-        deepest, out = indices[-1], []
+        take, deepest = take_levels(indices, len(self.feature_info))
+        out = []
         x = self.conv_embedding(x)
         for i, stage in enumerate(self.stages):
             for unit in stage:
                 x = unit(x)
-            if i in indices:
+            if i in take:
                 out.append(x)
             if i == deepest:
                 break
             x = self.embeds[i](x)
         return out
 
-    def prune_intermediates(self, indices: Sequence[int]) -> None:
+    def prune_levels(self, indices: Sequence[int]) -> None:
         """Delete the unused ``conv2d``, the head and every stage after the deepest feature in ``indices``."""
-        deepest = max(indices)
+        _, deepest = take_levels(indices, len(self.feature_info))
         for name in ("conv2d", "head_norm", "head"):
             delattr(self, name)
         del self.stages[deepest + 1:]
         del self.embeds[deepest:]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_intermediates(x, [len(self.stages) - 1])[0]
+        return self.forward_levels(x, [len(self.stages) - 1])[0]
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         x = self.head_norm(x).mean(dim=(2, 3))
@@ -336,20 +338,21 @@ def _create_repmlp(variant: str, pretrained: bool = False, **kwargs) -> RepMLPNe
     return build_model_with_cfg(RepMLPNet, pretrained, default_cfg=default_cfgs[variant], **kwargs)
 
 
-def _cfg(url: str = "", **kwargs):
+def _cfg(url: str = "", side: int = 224, **kwargs):
     # MindCV names "classifier", a module RepMLPNet does not have; ours names the real head.
     return dict(url=url, num_classes=1000, first_conv="conv_embedding.conv.conv", classifier="head_norm,head",
-                fixed_input_size=True, **kwargs)
+                fixed_input_size=True, input_sides=(side, 2 * side),
+                size_note=f"fc3 weights fix the partition: sides {side}k..{side}k+3 px only", **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
 default_cfgs = generate_default_cfgs({
     "repmlp_t224": _cfg(f"{_MS}/repmlp/repmlp_t224-8dbedd00.ckpt"),
-    "repmlp_t256": _cfg(input_size=(3, 256, 256)),
+    "repmlp_t256": _cfg(side=256, input_size=(3, 256, 256)),
     "repmlp_b224": _cfg(),
-    "repmlp_b256": _cfg(input_size=(3, 256, 256)),
-    "repmlp_d256": _cfg(input_size=(3, 256, 256)),
-    "repmlp_l256": _cfg(input_size=(3, 256, 256)),
+    "repmlp_b256": _cfg(side=256, input_size=(3, 256, 256)),
+    "repmlp_d256": _cfg(side=256, input_size=(3, 256, 256)),
+    "repmlp_l256": _cfg(side=256, input_size=(3, 256, 256)),
 })
 
 _RES224 = dict(hs=(56, 28, 14, 7), ws=(56, 28, 14, 7))

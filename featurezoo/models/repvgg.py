@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import GlobalAvgPooling
+from ..layers.init import fan_out_normal, init_weights, lecun_uniform
 from ..layers.squeeze_excite import SqueezeExcite
 from ..registry import register_model
 
@@ -167,18 +168,19 @@ class RepVGG(nn.Module):
         self.use_se = use_se
 
         self.in_planes = min(64, int(64 * width_multiplier[0]))
-        self.stage0 = RepVGGBlock(in_channels, self.in_planes, 3, stride=2, padding=1, deploy=deploy, use_se=use_se)
-        reduction = 2
+        stride = reduction = 2  # the stem block's, and every stage's
+        self.stage0 = RepVGGBlock(in_channels, self.in_planes, 3, stride=stride, padding=1, deploy=deploy,
+                                  use_se=use_se)
         self.feature_info = [dict(chs=self.in_planes, reduction=reduction, name="stage0")]
         self.cur_layer_idx = 1
         for i, (base, depth, mult) in enumerate(zip((64, 128, 256, 512), num_blocks, width_multiplier)):
-            self.add_module(f"stage{i + 1}", self._make_stage(int(base * mult), depth, stride=2))
-            reduction *= 2
+            self.add_module(f"stage{i + 1}", self._make_stage(int(base * mult), depth, stride=stride))
+            reduction *= stride
             self.feature_info.append(dict(chs=self.in_planes, reduction=reduction, name=f"stage{i + 1}"))
         self.num_features = self.in_planes
         self.gap = GlobalAvgPooling()
         self.linear = nn.Linear(self.num_features, num_classes)
-        self._initialize_weights()
+        init_weights(self, conv=fan_out_normal, linear=lecun_uniform)
 
     def _make_stage(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
         blocks = []
@@ -189,19 +191,6 @@ class RepVGG(nn.Module):
             self.in_planes = planes
             self.cur_layer_idx += 1
         return nn.Sequential(*blocks)
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="sigmoid")
-                nn.init.zeros_(m.bias)
 
     def switch_to_deploy(self) -> "RepVGG":
         """Fold every block into its single-conv inference form, in place; returns ``self``."""
@@ -253,6 +242,19 @@ def _cfg(url: str = "", **kwargs):
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/repvgg"
+# timm models with the same architecture and parameters (timm has no repvgg_b1g2). Both pad symmetrically:
+# the numbers agree at any input size. Training form only (timm names no rbr_reparam).
+_TIMM_TWINS = {n: n for n in ("repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "repvgg_b2",
+                             "repvgg_b3", "repvgg_b1g4", "repvgg_b2g4")}
+
+_TIMM_RENAMES = (
+    (r"^stem\.", "stage0."), *((rf"^stages\.{i}\.", f"stage{i + 1}.") for i in range(4)),
+    (r"\.conv_kxk\.conv\.", ".rbr_dense.0."), (r"\.conv_kxk\.bn\.", ".rbr_dense.1."),
+    (r"\.conv_1x1\.conv\.", ".rbr_1x1.0."), (r"\.conv_1x1\.bn\.", ".rbr_1x1.1."),
+    (r"\.identity\.", ".rbr_identity."), (r"^head\.fc\.", "linear."),
+)
+
+
 default_cfgs = generate_default_cfgs({
     "repvgg_a0": _cfg(f"{_MS}/repvgg_a0-6e71139d.ckpt"),
     "repvgg_a1": _cfg(f"{_MS}/repvgg_a1-539513ac.ckpt"),
@@ -264,19 +266,8 @@ default_cfgs = generate_default_cfgs({
     "repvgg_b1g2": _cfg(f"{_MS}/repvgg_b1g2-f0dc714f.ckpt"),
     "repvgg_b1g4": _cfg(f"{_MS}/repvgg_b1g4-bd93230e.ckpt"),
     "repvgg_b2g4": _cfg(f"{_MS}/repvgg_b2g4-e79eeadd.ckpt"),
-})
+}, timm_twins=_TIMM_TWINS, timm_renames=_TIMM_RENAMES)
 
-
-# timm models with the same architecture and parameters (timm has no repvgg_b1g2). Both pad symmetrically:
-# the numbers agree at any input size. Training form only (timm names no rbr_reparam).
-TIMM_TWINS = {n: n for n in ("repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "repvgg_b2",
-                             "repvgg_b3", "repvgg_b1g4", "repvgg_b2g4")}
-TIMM_RENAMES = (
-    (r"^stem\.", "stage0."), *((rf"^stages\.{i}\.", f"stage{i + 1}.") for i in range(4)),
-    (r"\.conv_kxk\.conv\.", ".rbr_dense.0."), (r"\.conv_kxk\.bn\.", ".rbr_dense.1."),
-    (r"\.conv_1x1\.conv\.", ".rbr_1x1.0."), (r"\.conv_1x1\.bn\.", ".rbr_1x1.1."),
-    (r"\.identity\.", ".rbr_identity."), (r"^head\.fc\.", "linear."),
-)
 
 # The grouped variants group every second stage block (block numbers 2, 4, ..., 26).
 _GROUPED_BLOCKS = range(2, 27, 2)

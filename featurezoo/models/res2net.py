@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..checkpoint.mapping import rename_by_rules
+from ..layers.helpers import total_stride
+from ..layers.init import fan_out_normal, init_weights, torch_uniform
 from ..layers.padding import AvgPool2d
 from ..layers.pooling import GlobalAvgPooling
 from ..layers.split import Split
@@ -127,11 +130,11 @@ class Res2Net(nn.Module):
             )
         self.bn1 = self.norm(self.input_channels)
         self.relu = nn.ReLU()
-        reduction = 2
+        reduction = total_stride(self.conv1)
         self.feature_info = [dict(chs=self.input_channels, reduction=reduction, name="relu")]
         # The stem output is a ReLU's, so zero padding never wins the max: a "same" pool.
         self.max_pool = nn.Sequential(nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(kernel_size=3, stride=2))
-        reduction *= 2
+        reduction *= total_stride(self.max_pool)
         for i, (channels, num_blocks) in enumerate(zip((64, 128, 256, 512), layer_nums)):
             stride = 1 if i == 0 else 2
             reduction *= stride
@@ -141,18 +144,7 @@ class Res2Net(nn.Module):
         self.pool = GlobalAvgPooling()
         self.num_features = self.input_channels
         self.classifier = nn.Linear(self.num_features, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=fan_out_normal, linear=torch_uniform)
 
     def _make_layer(self, block: Type[Bottle2neck], channels: int, num_blocks: int, stride: int = 1) -> nn.Sequential:
         out_channels = channels * block.expansion
@@ -191,6 +183,25 @@ def _cfg(url: str = "", first_conv: str = "conv1", **kwargs):
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
+# timm models with the same architecture and parameters (timm has no 152-layer Res2Net). Both pad every conv
+# and pool symmetrically where MindCV does (the stem pool's zero padding never wins the max after a ReLU, and
+# the "same" 2x2 shortcut pool of v1b counts only real cells, as timm's ceil-mode pool): any size computes the same.
+_TIMM_TWINS = {"res2net50": "res2net50_26w_4s", "res2net101": "res2net101_26w_4s",
+              "res2net50_v1b": "res2net50d", "res2net101_v1b": "res2net101d"}
+
+_TIMM_RENAMES = ((r"\.downsample\.", ".down_sample."), (r"^fc\.", "classifier."))
+
+# timm's v1b (res2net*d) keeps an Identity in place of layer1's stride-1 shortcut pool: its conv and BN are
+# down_sample.1/.2 there, ours .0/.1.
+_TIMM_V1B_LAYER1 = ((r"^layer1\.0\.downsample\.1\.", "layer1.0.down_sample.0."),
+                    (r"^layer1\.0\.downsample\.2\.", "layer1.0.down_sample.1."))
+
+
+def _convert_from_timm(state_dict):
+    v1b = "layer1.0.downsample.2.weight" in state_dict
+    return rename_by_rules(state_dict, (_TIMM_V1B_LAYER1 if v1b else ()) + _TIMM_RENAMES)
+
+
 default_cfgs = generate_default_cfgs({
     "res2net50": _cfg(f"{_MS}/res2net/res2net50-f42cf71b.ckpt"),
     "res2net101": _cfg(f"{_MS}/res2net/res2net101-8ae60132.ckpt"),
@@ -199,26 +210,7 @@ default_cfgs = generate_default_cfgs({
     "res2net50_v1b": _cfg(f"{_MS}/res2net/res2net50_v1b-99304e92.ckpt", first_conv="conv1.0"),
     "res2net101_v1b": _cfg(f"{_MS}/res2net/res2net101_v1b-7e6db001.ckpt", first_conv="conv1.0"),
     "res2net152_v1b": _cfg(first_conv="conv1.0"),
-})
-
-
-# timm models with the same architecture and parameters (timm has no 152-layer Res2Net). Both pad every conv
-# and pool symmetrically where MindCV does (the stem pool's zero padding never wins the max after a ReLU, and
-# the "same" 2x2 shortcut pool of v1b counts only real cells, as timm's ceil-mode pool): any size computes the same.
-TIMM_TWINS = {"res2net50": "res2net50_26w_4s", "res2net101": "res2net101_26w_4s",
-              "res2net50_v1b": "res2net50d", "res2net101_v1b": "res2net101d"}
-TIMM_RENAMES = ((r"\.downsample\.", ".down_sample."), (r"^fc\.", "classifier."))
-# timm's v1b (res2net*d) keeps an Identity in place of layer1's stride-1 shortcut pool: its conv and BN are
-# down_sample.1/.2 there, ours .0/.1.
-_TIMM_V1B_LAYER1 = ((r"^layer1\.0\.downsample\.1\.", "layer1.0.down_sample.0."),
-                    (r"^layer1\.0\.downsample\.2\.", "layer1.0.down_sample.1."))
-
-
-def convert_from_timm(state_dict):
-    from ..checkpoint.mapping import rename_by_rules
-
-    v1b = "layer1.0.downsample.2.weight" in state_dict
-    return rename_by_rules(state_dict, (_TIMM_V1B_LAYER1 if v1b else ()) + TIMM_RENAMES)
+}, timm_twins=_TIMM_TWINS, timm_convert=_convert_from_timm)
 
 
 @register_model

@@ -22,18 +22,13 @@ import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..layers.helpers import make_divisible, total_stride
+from ..layers.init import fan_out_normal, init_weights, lecun_uniform
 from ..layers.padding import AvgPool2d, MaxPool2d
 from ..layers.pooling import GlobalAvgPooling
 from ..registry import register_model
 
 __all__ = ["ResNeSt", "Bottleneck", "SplitAttn", "RadixSoftmax"]
-
-
-def _make_divisible(v: float, divisor: int, min_value: Optional[int] = None) -> int:
-    """MindCV's ``make_divisible``: nearest multiple of ``divisor``, at least ``min_value``, never 10% below v."""
-    min_value = min_value or divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    return new_v + divisor if new_v < 0.9 * v else new_v
 
 
 class RadixSoftmax(nn.Module):
@@ -66,7 +61,7 @@ class SplitAttn(nn.Module):
         self.radix = radix
         mid_chs = out_channels * radix
         if rd_channels is None:
-            attn_chs = _make_divisible(in_channels * radix * rd_ratio, min_value=32, divisor=rd_divisor)
+            attn_chs = make_divisible(in_channels * radix * rd_ratio, rd_divisor, min_value=32)
         else:
             attn_chs = rd_channels * radix
         padding = kernel_size // 2 if padding is None else padding
@@ -216,10 +211,10 @@ class ResNeSt(nn.Module):
             self.conv1 = nn.Conv2d(in_channels, self.inplanes, 7, 2, padding=3, bias=False)
         self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU()
-        reduction = 2
+        reduction = total_stride(self.conv1)
         self.feature_info = [dict(chs=self.inplanes, reduction=reduction, name="relu")]
         self.maxpool = MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
-        reduction *= 2
+        reduction *= total_stride(self.maxpool)
 
         for i, (planes, num_blocks, stride, stage_dilation) in enumerate(
                 zip((64, 128, 256, 512), layers, strides, dilations)):
@@ -232,20 +227,7 @@ class ResNeSt(nn.Module):
         self.drop = nn.Dropout(p=drop_rate) if drop_rate > 0.0 else None
         self.num_features = self.inplanes
         self.fc = nn.Linear(self.num_features, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="sigmoid")
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=fan_out_normal, linear=lecun_uniform)
 
     def _make_layer(self, block: Type[Bottleneck], planes: int, num_blocks: int, stride: int, dilation: int,
                     norm_layer: Type[nn.Module], is_first: bool) -> nn.Sequential:

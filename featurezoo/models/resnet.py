@@ -13,6 +13,8 @@ import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import GlobalAvgPooling, MaxPool2d
+from ..layers.helpers import total_stride
+from ..layers.init import fan_out_normal, init_weights, lecun_uniform
 from ..registry import register_model
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
@@ -95,10 +97,10 @@ class ResNet(nn.Module):
         self.conv1 = _conv(in_channels, self.input_channels, 7, stride=2)
         self.bn1 = self.norm(self.input_channels)
         self.relu = nn.ReLU(inplace=True)  # only ever applied to a fresh BN output or sum
-        reduction = 2
+        reduction = total_stride(self.conv1)
         self.feature_info = [dict(chs=self.input_channels, reduction=reduction, name="relu")]
         self.max_pool = MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
-        reduction *= 2
+        reduction *= total_stride(self.max_pool)
         for i, (channels, num_blocks) in enumerate(zip((64, 128, 256, 512), layers)):
             stride = 1 if i == 0 else 2
             reduction *= stride
@@ -108,18 +110,7 @@ class ResNet(nn.Module):
         self.pool = GlobalAvgPooling()
         self.num_features = self.input_channels
         self.classifier = nn.Linear(self.num_features, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="sigmoid")
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=fan_out_normal, linear=lecun_uniform)
 
     def _make_layer(self, block: Type[Union[BasicBlock, Bottleneck]], channels: int, num_blocks: int,
                     stride: int = 1) -> nn.Sequential:
@@ -154,6 +145,14 @@ def _cfg(url: str = "", **kwargs):
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
+# timm models with the same architecture and parameters (timm's stem pool pads symmetrically, so
+# at even pool-input sizes the pooling windows, and thus the numbers, differ from MindCV's).
+_TIMM_TWINS = {n: n for n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                             "resnext101_32x4d", "resnext101_64x4d")}
+
+_TIMM_RENAMES = ((r"\.downsample\.", ".down_sample."), (r"^fc\.", "classifier."))
+
+
 default_cfgs = generate_default_cfgs({
     "resnet18": _cfg(f"{_MS}/resnet/resnet18-1e65cd21.ckpt"),
     "resnet34": _cfg(f"{_MS}/resnet/resnet34-f297d27e.ckpt"),
@@ -164,14 +163,7 @@ default_cfgs = generate_default_cfgs({
     "resnext101_32x4d": _cfg(f"{_MS}/resnext/resnext101_32x4d-3c1e9c51.ckpt"),
     "resnext101_64x4d": _cfg(f"{_MS}/resnext/resnext101_64x4d-8929255b.ckpt"),
     "resnext152_64x4d": _cfg(f"{_MS}/resnext/resnext152_64x4d-3aba275c.ckpt"),
-})
-
-
-# timm models with the same architecture and parameters (timm's stem pool pads symmetrically, so
-# at even pool-input sizes the pooling windows, and thus the numbers, differ from MindCV's).
-TIMM_TWINS = {n: n for n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-                             "resnext101_32x4d", "resnext101_64x4d")}
-TIMM_RENAMES = ((r"\.downsample\.", ".down_sample."), (r"^fc\.", "classifier."))
+}, timm_twins=_TIMM_TWINS, timm_renames=_TIMM_RENAMES)
 
 
 @register_model

@@ -65,7 +65,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-# No TIMM_TWINS: timm's resnetv2_50/101 are not this network. MindCV's ResNetV2 keeps its ResNet's stem BN and
+# No timm twin: timm's resnetv2_50/101 are not this network. MindCV's ResNetV2 keeps its ResNet's stem BN and
 # conv + BN shortcuts (five BNs that timm's norm-free stem and plain-conv shortcuts lack) and has no final norm
 # (timm's ``norm``), and its classifier is nn.Linear where timm's head is a 1x1 conv.
 

@@ -21,6 +21,7 @@ from ..layers import GlobalAvgPooling
 from ..layers.conv_norm_act import Conv2dNormActivation
 from ..layers.drop_path import DropPath
 from ..layers.helpers import make_divisible
+from ..layers.init import he_uniform, init_weights, inv_sqrt_out_uniform
 from ..layers.squeeze_excite import SqueezeExcite
 from ..registry import register_model
 
@@ -137,7 +138,6 @@ class ReXNetV1(nn.Module):
             reduction *= stride
             feat_chs = out_c
         self.feature_info.append(dict(chs=feat_chs, reduction=reduction, name=f"features.{len(features) - 1}"))
-        self.flatten_sequential = True
 
         pen_channels = make_divisible(int(1280 * width_mult), divisor=ch_div)
         features.append(Conv2dNormActivation(feat_chs, pen_channels, kernel_size=1, activation=act_layer))
@@ -149,17 +149,9 @@ class ReXNetV1(nn.Module):
             self.cls = nn.Sequential(nn.Dropout(p=drop_rate), nn.Conv2d(pen_channels, num_classes, 1, bias=True))
         else:
             self.cls = nn.Sequential(nn.Dropout(p=drop_rate), nn.Linear(pen_channels, num_classes))
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        # MindSpore HeUniform(sqrt(5), fan_in, relu) on weights: the relu gain ignores the slope, bound sqrt(6/fan_in).
-        # Biases: HeUniform(sqrt(5), fan_in, leaky_relu) drawn with shape (1, C), i.e. bound 1/sqrt(C).
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), mode="fan_in", nonlinearity="relu")
-                if m.bias is not None:
-                    bound = 1.0 / math.sqrt(m.bias.shape[0])
-                    nn.init.uniform_(m.bias, -bound, bound)
+        # MindCV's HeUniform(sqrt(5), relu): the ReLU gain ignores the slope. Its biases are drawn as a (1, C)
+        # weight, so their bound is 1 / sqrt(C).
+        init_weights(self, conv=he_uniform, linear=he_uniform, bias=inv_sqrt_out_uniform)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.stem(x))
@@ -186,20 +178,12 @@ def _cfg(url: str = "", **kwargs):
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/rexnet"
-default_cfgs = generate_default_cfgs({
-    "rexnet_09": _cfg(f"{_MS}/rexnet_09-da498331.ckpt"),
-    "rexnet_10": _cfg(f"{_MS}/rexnet_10-c5fb2dc7.ckpt"),
-    "rexnet_13": _cfg(f"{_MS}/rexnet_13-a49c41e5.ckpt"),
-    "rexnet_15": _cfg(f"{_MS}/rexnet_15-37a931d3.ckpt"),
-    "rexnet_20": _cfg(f"{_MS}/rexnet_20-c5810914.ckpt"),
-})
-
-
 # timm models with the same architecture and parameters (timm has no width 0.9). Both pad symmetrically:
 # the numbers agree at any input size.
-TIMM_TWINS = {"rexnet_10": "rexnet_100", "rexnet_13": "rexnet_130", "rexnet_15": "rexnet_150",
+_TIMM_TWINS = {"rexnet_10": "rexnet_100", "rexnet_13": "rexnet_130", "rexnet_15": "rexnet_150",
               "rexnet_20": "rexnet_200"}
-TIMM_RENAMES = (
+
+_TIMM_RENAMES = (
     (r"^stem\.conv\.", "stem.features.0."), (r"^stem\.bn\.", "stem.features.1."),
     (r"\.(conv_exp|conv_dw|conv_pwl)\.conv\.", r".\1.features.0."),
     (r"\.(conv_exp|conv_dw|conv_pwl)\.bn\.", r".\1.features.1."),
@@ -208,6 +192,15 @@ TIMM_RENAMES = (
     (r"^(features\.\d+)\.conv\.", r"\1.features.0."), (r"^(features\.\d+)\.bn\.", r"\1.features.1."),
     (r"^head\.fc\.", "cls.1."),
 )
+
+
+default_cfgs = generate_default_cfgs({
+    "rexnet_09": _cfg(f"{_MS}/rexnet_09-da498331.ckpt"),
+    "rexnet_10": _cfg(f"{_MS}/rexnet_10-c5fb2dc7.ckpt"),
+    "rexnet_13": _cfg(f"{_MS}/rexnet_13-a49c41e5.ckpt"),
+    "rexnet_15": _cfg(f"{_MS}/rexnet_15-37a931d3.ckpt"),
+    "rexnet_20": _cfg(f"{_MS}/rexnet_20-c5810914.ckpt"),
+}, timm_twins=_TIMM_TWINS, timm_renames=_TIMM_RENAMES)
 
 
 @register_model

@@ -11,15 +11,17 @@ max pool uses MindSpore's ``same`` padding.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Type, Union
+from typing import List, Optional, Sequence, Type, Union
 
 import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
-from ..layers.helpers import make_divisible
+from ..layers.helpers import total_stride
+from ..layers.init import fan_out_normal, init_weights, lecun_uniform
 from ..layers.padding import MaxPool2d
 from ..layers.pooling import GlobalAvgPooling
+from ..layers.squeeze_excite import SqueezeExciteV2
 from ..registry import register_model
 
 __all__ = ["SENet", "SqueezeExciteV2", "SEBottleneck", "SEResNetBottleneck", "SEResNeXtBottleneck",
@@ -30,33 +32,6 @@ def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: 
           padding: Optional[int] = None) -> nn.Conv2d:
     padding = kernel_size // 2 if padding is None else padding
     return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=padding, groups=groups, bias=False)
-
-
-class SqueezeExciteV2(nn.Module):
-    """Channel gate ``x * gate(conv_expand(act(conv_reduce(mean_hw(x)))))`` with ``nn.Linear`` layers
-    (MindCV's ``layers.SqueezeExciteV2``; its ``SqueezeExcite`` uses 1x1 convs)."""
-
-    def __init__(self, in_channels: int, rd_ratio: float = 1.0 / 16, rd_channels: Optional[int] = None,
-                 rd_divisor: int = 8, norm: Optional[Callable[[int], nn.Module]] = None,
-                 act_layer: Callable[[], nn.Module] = nn.ReLU, gate_layer: Callable[[], nn.Module] = nn.Sigmoid):
-        super().__init__()
-        self.norm = norm
-        self.act = act_layer()
-        self.gate = gate_layer()
-        if not rd_channels:
-            rd_channels = make_divisible(in_channels * rd_ratio, rd_divisor)
-        self.conv_reduce = nn.Linear(in_channels, rd_channels)
-        if norm:
-            self.bn = norm(rd_channels)
-        self.conv_expand = nn.Linear(rd_channels, in_channels)
-        self.pool = GlobalAvgPooling(keep_dims=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_se = self.conv_reduce(self.pool(x))
-        if self.norm:
-            x_se = self.bn(x_se)
-        x_se = self.gate(self.conv_expand(self.act(x_se)))
-        return x * x_se[:, :, None, None]
 
 
 class _SEBottleneckBase(nn.Module):
@@ -171,10 +146,10 @@ class SENet(nn.Module):
             )
         else:
             self.layer0 = nn.Sequential(_conv(in_channels, inplanes, 7, 2), nn.BatchNorm2d(inplanes), nn.ReLU())
-        reduction_hw = 2
+        reduction_hw = total_stride(self.layer0)
         self.feature_info = [dict(chs=inplanes, reduction=reduction_hw, name="layer0")]
         self.pool0 = MaxPool2d(3, stride=2, pad_mode="same")
-        reduction_hw *= 2
+        reduction_hw *= total_stride(self.pool0)
         for i, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), layers)):
             stride = 1 if i == 0 else 2
             reduction_hw *= stride
@@ -189,7 +164,7 @@ class SENet(nn.Module):
         if drop_rate > 0.0:
             self.dropout = nn.Dropout(p=drop_rate)
         self.classifier = nn.Linear(self.num_features, num_classes)
-        self._initialize_weights()
+        init_weights(self, conv=fan_out_normal, linear=lecun_uniform)
 
     def _make_layer(self, block: _Block, planes: int, blocks: int, group: int, reduction: int, stride: int = 1,
                     downsample_kernel_size: int = 1, downsample_padding: int = 0) -> nn.Sequential:
@@ -202,17 +177,6 @@ class SENet(nn.Module):
         self.inplanes = out_channels
         layers += [block(self.inplanes, planes, group, reduction) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="sigmoid")
-                nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool0(self.layer0(x))
@@ -250,7 +214,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-# No TIMM_TWINS: timm's seresnet18/34/50/101/152, seresnext50/101_32x4d, senet154 and legacy_seresnext26_32x4d
+# No timm twin: timm's seresnet18/34/50/101/152, seresnext50/101_32x4d, senet154 and legacy_seresnext26_32x4d
 # have the same architecture and parameters, but their squeeze-excite layers are 1x1 convs with (out, in, 1, 1)
 # weights where ours (nn.Linear, as MindCV's SqueezeExciteV2) are (out, in): those tensors would need reshaping,
 # so they do not map one to one (tests/test_resnet_variants.py loads seresnet50's with that fix-up).

@@ -12,7 +12,7 @@ MindCV has no ``feature_info`` here; ours is the last layer at each reduction:
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,8 @@ import torch.nn as nn
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import AvgPool2d, GlobalAvgPooling, MaxPool2d
 from ..layers.feature_levels import note_feature
+from ..layers.helpers import total_stride
+from ..layers.init import init_weights, inv_in_normal, normal
 from ..registry import register_model
 
 __all__ = ["ShuffleNetV1", "ShuffleV1Block"]
@@ -82,6 +84,24 @@ class ShuffleV1Block(nn.Module):
         return x.reshape(b, c // self.group, self.group, h, w).transpose(1, 2).reshape(b, c, h, w)
 
 
+def add_stem(model: nn.Module, in_channels: int, channels: int) -> int:
+    """Give ``model`` the ShuffleNet stem (V1's and V2's): ``first_conv`` (3x3 stride-2 conv, BN, ReLU)
+    and ``max_pool`` (3x3 stride 2, MindSpore's ``same``), both in a new ``model.feature_info``.
+    Returns the stem's reduction."""
+    model.first_conv = nn.Sequential(
+        nn.Conv2d(in_channels, channels, 3, 2, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+    )
+    model.max_pool = MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
+    model.feature_info = []
+    reduction = total_stride(model.first_conv)
+    note_feature(model.feature_info, channels, reduction, "first_conv")
+    reduction *= total_stride(model.max_pool)
+    note_feature(model.feature_info, channels, reduction, "max_pool")
+    return reduction
+
+
 class ShuffleNetV1(nn.Module):
     """ShuffleNetV1 classifier; ``feature_info``: ``first_conv``, ``max_pool``, the last block of each stage.
 
@@ -102,16 +122,7 @@ class ShuffleNetV1(nn.Module):
         self.stage_out_channels = [-1, *_STAGE_OUT_CHANNELS[(group, model_size)]]
 
         input_channel = self.stage_out_channels[1]
-        self.first_conv = nn.Sequential(
-            nn.Conv2d(in_channels, input_channel, 3, 2, padding=1, bias=False),
-            nn.BatchNorm2d(input_channel),
-            nn.ReLU(),
-        )
-        self.max_pool = MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
-        self.feature_info: List[Dict] = []
-        note_feature(self.feature_info, input_channel, 2, "first_conv")
-        note_feature(self.feature_info, input_channel, 4, "max_pool")
-        reduction = 4
+        reduction = add_stem(self, in_channels, input_channel)
 
         features: List[nn.Module] = []
         for idxstage, numrepeat in enumerate(self.stage_repeats):
@@ -128,19 +139,7 @@ class ShuffleNetV1(nn.Module):
         self.num_features = input_channel
         self.global_pool = GlobalAvgPooling()
         self.classifier = nn.Linear(input_channel, num_classes, bias=False)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Conv2d):
-                std = 0.01 if "first" in name else 1.0 / m.weight.shape[1]
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_weights(self, conv=inv_in_normal, linear=normal(0.01), special={self.first_conv[0]: normal(0.01)})
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.max_pool(self.first_conv(x)))

@@ -15,15 +15,17 @@ that conv's input.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
-from ..layers import GlobalAvgPooling, MaxPool2d
+from ..layers import GlobalAvgPooling
 from ..layers.feature_levels import note_feature
+from ..layers.init import init_weights, inv_in_normal, normal
 from ..registry import register_model
+from .shufflenetv1 import add_stem
 
 __all__ = ["ShuffleNetV2", "ShuffleV2Block"]
 
@@ -102,16 +104,7 @@ class ShuffleNetV2(nn.Module):
         self.stage_out_channels = [-1, *_STAGE_OUT_CHANNELS[model_size]]
 
         input_channel = self.stage_out_channels[1]
-        self.first_conv = nn.Sequential(
-            nn.Conv2d(in_channels, input_channel, 3, 2, padding=1, bias=False),
-            nn.BatchNorm2d(input_channel),
-            nn.ReLU(),
-        )
-        self.max_pool = MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
-        self.feature_info: List[Dict] = []
-        note_feature(self.feature_info, input_channel, 2, "first_conv")
-        note_feature(self.feature_info, input_channel, 4, "max_pool")
-        reduction = 4
+        reduction = add_stem(self, in_channels, input_channel)
 
         features: List[nn.Module] = []
         for idxstage, numrepeat in enumerate(self.stage_repeats):
@@ -119,12 +112,12 @@ class ShuffleNetV2(nn.Module):
             for i in range(numrepeat):
                 if i == 0:
                     block = ShuffleV2Block(input_channel, output_channel, output_channel // 2, kernel_size=3, stride=2)
-                    reduction *= 2
                 else:
                     block = ShuffleV2Block(input_channel // 2, output_channel, output_channel // 2, kernel_size=3,
                                            stride=1)
                 features.append(block)
                 input_channel = output_channel
+                reduction *= block.stride
                 note_feature(self.feature_info, output_channel, reduction, f"features.{len(features) - 1}")
         self.features = nn.Sequential(*features)
 
@@ -138,19 +131,7 @@ class ShuffleNetV2(nn.Module):
         self.num_features = last_channels
         self.pool = GlobalAvgPooling()
         self.classifier = nn.Linear(last_channels, num_classes, bias=False)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Conv2d):
-                std = 0.01 if "first" in name else 1.0 / m.weight.shape[1]
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_weights(self, conv=inv_in_normal, linear=normal(0.01), special={self.first_conv[0]: normal(0.01)})
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.max_pool(self.first_conv(x)))

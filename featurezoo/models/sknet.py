@@ -193,25 +193,26 @@ def _cfg(url: str = "", **kwargs):
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
-default_cfgs = generate_default_cfgs({
-    "skresnet18": _cfg(f"{_MS}/sknet/sknet18-868228e5.ckpt"),
-    "skresnet34": _cfg(f"{_MS}/sknet/skresnet34-d668b629.ckpt"),
-    "skresnet50": _cfg(),
-    "skresnext50_32x4d": _cfg(f"{_MS}/sknet/skresnext50_32x4d-395413a2.ckpt"),
-})
-
-
 # timm models with the same architecture and parameters (timm's stem max pool pads by one on every side,
 # MindSpore's "same" pool where the stem output is odd, e.g. 65 px). Not twins: skresnet50, whose tensors match
 # timm's one for one, but whose bottleneck has no activation after its first 1x1 conv in MindCV (timm's has a
 # ReLU), a layer fewer that timm's weights were not trained for (randomised, the logits differ by several times
 # their range); skresnext50_32x4d, which MindCV builds ungrouped (timm's is grouped: other shapes).
-TIMM_TWINS = {"skresnet18": "skresnet18", "skresnet34": "skresnet34"}
-TIMM_RENAMES = (
+_TIMM_TWINS = {"skresnet18": "skresnet18", "skresnet34": "skresnet34"}
+
+_TIMM_RENAMES = (
     (r"\.paths\.(\d)\.conv\.", r".paths.\1.features.0."), (r"\.paths\.(\d)\.bn\.", r".paths.\1.features.1."),
     (r"\.conv2\.conv\.", ".conv2.0."), (r"\.conv2\.bn\.", ".conv2.1."), (r"\.downsample\.", ".down_sample."),
     (r"^fc\.", "classifier."),
 )
+
+
+default_cfgs = generate_default_cfgs({
+    "skresnet18": _cfg(f"{_MS}/sknet/sknet18-868228e5.ckpt"),
+    "skresnet34": _cfg(f"{_MS}/sknet/skresnet34-d668b629.ckpt"),
+    "skresnet50": _cfg(),
+    "skresnext50_32x4d": _cfg(f"{_MS}/sknet/skresnext50_32x4d-395413a2.ckpt"),
+}, timm_twins=_TIMM_TWINS, timm_renames=_TIMM_RENAMES)
 
 
 @register_model

@@ -22,6 +22,7 @@ import torch.nn as nn
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers import GlobalAvgPooling, MaxPool2d
 from ..layers.feature_levels import note_feature
+from ..layers.init import he_uniform, init_weights, normal
 from ..registry import register_model
 
 __all__ = ["SqueezeNet", "Fire"]
@@ -86,7 +87,6 @@ class SqueezeNet(nn.Module):
             chs = fire.out_channels
             note_feature(self.feature_info, chs, reduction, f"features.{len(layers) - 1}")
         self.features = nn.Sequential(*layers)
-        self.flatten_sequential = True
 
         self.num_features = chs
         # MindCV also holds the 1x1 conv as ``final_conv``; its parameters are named
@@ -97,21 +97,11 @@ class SqueezeNet(nn.Module):
             nn.ReLU(),
             GlobalAvgPooling(),
         )
-        self._initialize_weights()
+        init_weights(self, conv=he_uniform, special={self.final_conv: normal(0.01)})
 
     @property
     def final_conv(self) -> nn.Conv2d:
         return self.classifier[1]
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                if m is self.final_conv:
-                    nn.init.normal_(m.weight, 0.0, 0.01)
-                else:
-                    nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -133,8 +123,9 @@ def _cfg(url: str = "", **kwargs):
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/squeezenet"
 default_cfgs = generate_default_cfgs({
-    "squeezenet1_0": _cfg(f"{_MS}/squeezenet1_0-e2d78c4a.ckpt"),
-    "squeezenet1_1": _cfg(f"{_MS}/squeezenet1_1-da256d3a.ckpt"),
+    "squeezenet1_0": _cfg(f"{_MS}/squeezenet1_0-e2d78c4a.ckpt",
+                          valid_padding="unpadded 7x7 stride-2 stem and valid (floor) 3x3 max pools"),
+    "squeezenet1_1": _cfg(f"{_MS}/squeezenet1_1-da256d3a.ckpt", valid_padding="valid (floor) 3x3 max pools"),
 })
 
 

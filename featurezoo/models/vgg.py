@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..layers.init import fan_out_normal, init_weights, normal
 from ..registry import register_model
 
 __all__ = ["VGG"]
@@ -47,7 +48,6 @@ class VGG(nn.Module):
         super().__init__()
         if model_name not in CFGS:
             raise ValueError(f"unknown VGG configuration {model_name!r}; valid: {sorted(CFGS)}")
-        self.flatten_sequential = True
         self.feature_info = []
         layers: List[nn.Module] = []
         chs, reduction = in_channels, 1
@@ -76,17 +76,7 @@ class VGG(nn.Module):
             nn.Dropout(drop_rate),
             nn.Linear(4096, num_classes),
         )
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=fan_out_normal, linear=normal(0.01))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -104,7 +94,8 @@ def _create_vgg(variant: str, pretrained: bool = False, **kwargs) -> VGG:
 
 def _cfg(url: str = "", **kwargs):
     return dict(url=url, num_classes=1000, first_conv="features.0", classifier="classifier.6",
-                fixed_input_size=True, **kwargs)
+                fixed_input_size=True, size_note="the classifier flattens a 7x7 map: 224..255 px only",
+                valid_padding="valid (floor) 2x2 max pools", **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/vgg"
@@ -116,7 +107,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-# No TIMM_TWINS: timm's vgg11/13/16/19 give every conv a bias (MindSpore's nn.Conv2d has none here) and hold
+# No timm twin: timm's vgg11/13/16/19 give every conv a bias (MindSpore's nn.Conv2d has none here) and hold
 # the first two classifier layers as 7x7 and 1x1 convs (ours nn.Linear): timm's conv biases have no place here.
 
 

@@ -12,7 +12,7 @@ two separable convs. One ``relu`` module serves the stem and the exit convs.
 residual sums, which the next block activates first) and the activated
 ``bn4`` output (stride 32). ``bn2`` and ``bn4`` name the BatchNorms whose
 output the shared ``relu`` activates, since ``relu`` itself is called four
-times. :meth:`Xception.forward_intermediates` is the classifier's own forward,
+times. :meth:`Xception.forward_levels` is the classifier's own forward,
 stopping after the deepest requested feature.
 """
 from __future__ import annotations
@@ -23,7 +23,10 @@ import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..cfg import IndexMap
+from ..features import take_levels
 from ..layers import GlobalAvgPooling, MaxPool2d
+from ..layers.init import init_weights, normal, xavier_uniform
 from ..registry import register_model
 
 __all__ = ["Xception", "Block", "SeparableConv2d"]
@@ -116,30 +119,23 @@ class Xception(nn.Module):
         self.pool = GlobalAvgPooling()
         self.dropout = nn.Dropout(p=0.5)
         self.classifier = nn.Linear(self.num_features, num_classes)
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv=xavier_uniform, linear=normal(0.01))
 
     # -- forward ------------------------------------------------------------------------
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
+    def forward_levels(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
         """The ``feature_info`` entries ``indices`` (ascending), computing nothing past the deepest one."""
-        deepest, out = indices[-1], []
+        take, deepest = take_levels(indices, len(self.feature_info))
+        out = []
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
-        if indices[0] == 0:
+        if 0 in take:
             out.append(x)
         if deepest == 0:
             return out
         for position, block in enumerate(self.blocks):
             x = block(x)
             index = self._feature_at.get(position)
-            if index in indices:
+            if index in take:
                 out.append(x)
                 if index == deepest:
                     return out
@@ -147,9 +143,9 @@ class Xception(nn.Module):
         out.append(self.relu(self.bn4(self.conv4(x))))
         return out
 
-    def prune_intermediates(self, indices: Sequence[int]) -> None:
+    def prune_levels(self, indices: Sequence[int]) -> None:
         """Delete the head and every module after the deepest feature in ``indices``."""
-        deepest = max(indices)
+        _, deepest = take_levels(indices, len(self.feature_info))
         for name in ("pool", "dropout", "classifier"):
             delattr(self, name)
         if deepest == len(self.feature_info) - 1:
@@ -164,7 +160,7 @@ class Xception(nn.Module):
             delattr(self.blocks, name)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_intermediates(x, [len(self.feature_info) - 1])[0]
+        return self.forward_levels(x, [len(self.feature_info) - 1])[0]
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.pool(x)))
@@ -178,21 +174,23 @@ def _create_xception(variant: str, pretrained: bool = False, **kwargs) -> Xcepti
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="conv1", classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="conv1", classifier="classifier",
+                valid_padding="unpadded stem convolutions", **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
-default_cfgs = generate_default_cfgs({
-    "xception": _cfg(f"{_MS}/xception/xception-2c1e711df.ckpt"),
-})
-
-
 # timm's legacy_xception has the same architecture and parameters. Its strided blocks' max pools pad by one
 # on every side, which is MindSpore's "same" pool where the pool input is odd: 71 px makes all four of them
 # odd (33, 17, 9, 5), and there the numbers agree (the unpadded stem and the symmetric separable convs agree
 # at any size).
-TIMM_TWINS = {"xception": "legacy_xception"}
-TIMM_RENAMES = ((r"^block(\d+)\.", lambda m: f"blocks.{int(m[1]) - 1}."), (r"^fc\.", "classifier."))
+_TIMM_TWINS = {"xception": "legacy_xception"}
+
+_TIMM_RENAMES = ((r"^block(\d+)\.", IndexMap("blocks.{0}.", (1, -1))), (r"^fc\.", "classifier."))
+
+
+default_cfgs = generate_default_cfgs({
+    "xception": _cfg(f"{_MS}/xception/xception-2c1e711df.ckpt"),
+}, timm_twins=_TIMM_TWINS, timm_renames=_TIMM_RENAMES)
 
 
 @register_model
