@@ -45,6 +45,38 @@ def test_argument_parsers():
     assert parse(["extract", "m", "x", "-o", "o", "--workers", "0"]).workers == 0
 
 
+def test_out_indices_space_separated_and_negative():
+    parse = build_parser().parse_args
+    base = ["extract", "m", "x", "-o", "o"]
+    assert parse([*base, "--out-indices", "1", "2", "3"]).out_indices == [1, 2, 3]
+    assert parse([*base, "--out-indices", "1,2,3"]).out_indices == [1, 2, 3]
+    assert parse([*base, "--out-indices", "-1"]).out_indices == [-1]
+    assert parse([*base, "--out-indices", "-1", "-2"]).out_indices == [-1, -2]
+    assert parse([*base, "--out-indices", "-2,-1", "3"]).out_indices == [-2, -1, 3]
+    assert parse([*base, "--out-indices=-1,-2"]).out_indices == [-1, -2]
+    assert parse([*base, "--out-ind", "0", "-1"]).out_indices == [0, -1]  # argparse's unambiguous prefix
+    assert parse([*base, "--out-indices", "all"]).out_indices is None
+    # the indices end at the first item that is not one: INPUTs may follow
+    args = parse(["extract", "m", "--out-indices", "1", "2", "photos", "-o", "o"])
+    assert args.out_indices == [1, 2] and args.model == "m" and args.inputs == ["photos"]
+    args = parse(["info", "--out-indices", "-1", "-2", "resnet18"])
+    assert args.out_indices == [-1, -2] and args.model == "resnet18"
+    assert parse(["extract", "m", "-o", "o", "--out-indices", "1", "--", "-1"]).inputs == ["-1"]
+
+
+def test_out_indices_space_separated_extract(capsys, tmp_path, images):
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "extract", "resnet18", images, "-o", out, "--out-indices", "-1", "-2", "--pool", "avg",
+                       *SMALL)
+    assert code == 0, err
+    assert json.loads((out / "meta.json").read_text())["settings"]["out_indices"] == [4, 3]
+    code, _, err = run(capsys, "extract", "resnet18", "--out-indices", "1", "2", images, "-o", tmp_path / "b", *SMALL)
+    assert code == 0, err
+    assert load_features(tmp_path / "b").meta["settings"]["out_indices"] == [1, 2]
+    code, _, err = run(capsys, "info", "resnet18", "--size", "64", "--out-indices", "0", "-1", "x")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "unrecognized arguments: x" in err
+
+
 def test_list(capsys):
     code, out, _ = run(capsys, "list", "resnet18", "--features-only")
     assert code == 0

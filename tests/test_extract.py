@@ -16,7 +16,7 @@ from safetensors import safe_open
 import featurezoo as fz
 from featurezoo.extract import (ExtractError, Preprocess, build_feature_model, choose_workers, collect_inputs,
                                 extract_features, iter_shards, load_features)
-from featurezoo.extract_data import ImageBatches, SkippedImage
+from featurezoo.extract.data import ImageBatches, SkippedImage
 
 MODEL = "resnet18"
 SIZE = (64, 64)

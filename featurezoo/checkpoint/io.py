@@ -10,12 +10,12 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Union
 
 import torch
 
+from ..atomic import atomic_path, atomic_write
 from .errors import CheckpointError
 from .mindspore_ckpt import read_mindspore_ckpt, write_mindspore_ckpt
 
@@ -125,17 +125,12 @@ def write_state_dict(state_dict: Mapping[str, torch.Tensor], path: PathLike) -> 
     if suffix not in (".safetensors",) + _TORCH_EXTS:
         raise ValueError(f"cannot save to {str(path)!r}: valid extensions .safetensors, .ckpt, {', '.join(_TORCH_EXTS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import save_file
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
 
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp)
-        else:
-            torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    else:
+        with atomic_write(path) as f:
+            torch.save(tensors, f)
     return path

@@ -33,12 +33,10 @@ Format, as written by MindSpore 2.10 (``mindspore/train/checkpoint_pb2.py``, ``s
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
 import os
-import secrets
 import zlib
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple
@@ -46,6 +44,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from featurezoo.atomic import atomic_write
 from featurezoo.checkpoint.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -340,27 +339,16 @@ def write_mindspore_ckpt(state_dict: Mapping[str, torch.Tensor | np.ndarray],
                          path: str | os.PathLike[str], *, crc: bool = False) -> None:
     """Write tensors as a MindSpore ``.ckpt`` that ``mindspore.load_checkpoint`` reads back unchanged.
 
-    The file is written to a temporary sibling and renamed into place, so a crash or a bad entry
+    The file is written with :func:`featurezoo.atomic.atomic_write`, so a crash or a bad entry
     never leaves a half-written checkpoint at ``path``. ``crc=True`` adds MindSpore's CRC trailer.
     """
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # exclusive create; permissions follow the umask
-            checksum = 0
-            for name, value in state_dict.items():
-                for chunk in _encode_entry(name, value):
-                    f.write(chunk)
-                    if crc:
-                        checksum = zlib.crc32(chunk, checksum)
-            if crc:
-                f.write(_CRC_MARK + checksum.to_bytes(10, "big"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        checksum = 0
+        for name, value in state_dict.items():
+            for chunk in _encode_entry(name, value):
+                f.write(chunk)
+                if crc:
+                    checksum = zlib.crc32(chunk, checksum)
+        if crc:
+            f.write(_CRC_MARK + checksum.to_bytes(10, "big"))
     logger.debug("wrote %d tensors to %s", len(state_dict), path)

@@ -3,7 +3,8 @@ device: shapes, parameters and FLOPs without allocating a single weight.
 
 FLOPs are counted by torch's own ``torch.utils.flop_counter.FlopCounterMode``
 (a multiply-add counts 2; ops it has no formula for, such as elementwise ones,
-count 0).
+count 0). Facts the cfg holds (weights URL, input size) are read from the
+registry without building anything.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .builder import ModelCfg
-from .factory import create_model
-from .features import PYRAMID, FeatureInfo, normalize_out_indices
+from ..cfg import ModelCfg
+from ..features import PYRAMID
+from ..registry import build_on_meta, get_model_cfg, supports_features
 
 __all__ = ["ModelRow", "LevelRow", "ChoiceRow", "ModelReport", "model_row", "model_report", "count_params",
            "meta_flops"]
@@ -37,11 +38,6 @@ def meta_flops(model: nn.Module, size: Tuple[int, int], in_chans: int = 3) -> Tu
     return counter.get_total_flops(), [tuple(o.shape[1:]) for o in outs]
 
 
-def _meta_model(name: str, **kwargs) -> nn.Module:
-    with torch.device("meta"):
-        return create_model(name, **kwargs)
-
-
 @dataclass
 class ModelRow:
     """One line of ``featurezoo list``."""
@@ -54,13 +50,15 @@ class ModelRow:
 
 
 def model_row(name: str) -> ModelRow:
-    try:
-        model = _meta_model(name, features_only=True)
-    except ValueError:  # the model registers no feature_info
-        model = _meta_model(name)
-        return ModelRow(name, count_params(model), None, [], bool(model.default_cfg.url))
-    info: FeatureInfo = model.feature_info
-    return ModelRow(name, count_params(model), len(info), info.reduction(), bool(model.default_cfg.url))
+    pretrained = bool(get_model_cfg(name).url)
+    try:  # one meta build for the usual case (supports_features would build the classifier first)
+        model = build_on_meta(name, features_only=True)
+    except ValueError:
+        if supports_features(name):
+            raise
+        return ModelRow(name, count_params(build_on_meta(name)), None, [], pretrained)
+    info = model.feature_info
+    return ModelRow(name, count_params(model), len(info), info.reduction(), pretrained)
 
 
 @dataclass
@@ -94,15 +92,15 @@ class ModelReport:
 def model_report(name: str, size: Optional[Tuple[int, int]] = None,
                  out_indices: Union[Sequence[int], str, None] = None) -> ModelReport:
     """Everything ``featurezoo info`` prints, for ``name`` at ``size`` (default: the cfg's)."""
-    full = _meta_model(name, features_only=True)
-    cfg: ModelCfg = full.default_cfg
+    cfg = get_model_cfg(name)
+    full = build_on_meta(name, features_only=True)
     size = tuple(size) if size is not None else tuple(cfg.input_size[1:])
     in_chans = cfg.input_size[0]
     info = full.feature_info  # built with out_indices=None: every entry
     _, shapes = meta_flops(full, size, in_chans)
     levels = []
     for i, entry in enumerate(info):
-        single = _meta_model(name, features_only=True, out_indices=[i])
+        single = build_on_meta(name, features_only=True, out_indices=[i])
         flops, _ = meta_flops(single, size, in_chans)
         levels.append(LevelRow(i, entry["name"], entry["chs"], entry["reduction"], shapes[i], count_params(single),
                                flops))
@@ -111,16 +109,10 @@ def model_report(name: str, size: Optional[Tuple[int, int]] = None,
     if out_indices is not None and out_indices != PYRAMID:
         asked.insert(0, (",".join(str(i) for i in out_indices), list(out_indices)))
     for label, choice in asked:
-        model = _meta_model(name, features_only=True, out_indices=choice)
+        model = build_on_meta(name, features_only=True, out_indices=choice)
         flops, _ = meta_flops(model, size, in_chans)
         choices.append(ChoiceRow(label, list(model.out_indices), count_params(model), flops))
-    classifier = _meta_model(name)
+    classifier = build_on_meta(name)
     flops, _ = meta_flops(classifier, size, in_chans)
     choices.append(ChoiceRow("classifier (not features_only)", None, count_params(classifier), flops))
     return ModelReport(name, cfg, size, levels, choices)
-
-
-def check_out_indices(name: str, out_indices: Union[Sequence[int], str, None]) -> List[int]:
-    """Normalised indices, or the ``ValueError`` that names the valid ones."""
-    full = _meta_model(name, features_only=True)
-    return normalize_out_indices(out_indices, full.feature_info)

@@ -15,6 +15,10 @@ does, with Pillow and torch only (no torchvision):
    on the compute device: see :meth:`Preprocess.normalize`).
 
 Worker processes return uint8 HWC batches, a quarter of the bytes of float32.
+
+Pillow is optional for the package (the ``cli`` extra) and imported where
+images are decoded: without it, decoding raises a one-line
+:class:`~featurezoo._optional.MissingDependency`.
 """
 from __future__ import annotations
 
@@ -23,30 +27,32 @@ import math
 import os
 import stat
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .builder import ModelCfg
+from .._optional import require
+from ..cfg import ModelCfg
 
-__all__ = ["Preprocess", "collect_inputs", "LIST_SUFFIXES", "SkippedImage", "ImageBatches", "ExtractError"]
+__all__ = ["Preprocess", "collect_inputs", "looks_like_images", "LIST_SUFFIXES", "SkippedImage", "ImageBatches",
+           "ExtractError", "PathLike", "pillow", "INTERPOLATIONS"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 # A file INPUT with one of these suffixes is a list of paths, one per line.
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
+# cfg.interpolation -> the name of Pillow's ``Image.Resampling`` member
+INTERPOLATIONS = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "lanczos": "LANCZOS",
+                  "box": "BOX", "hamming": "HAMMING"}
 _EXIF_ORIENTATION = 0x0112
+
+
+def pillow(feature: str = "featurezoo.extract") -> ModuleType:
+    """``PIL.Image``, or a one-line :class:`~featurezoo._optional.MissingDependency` naming the ``cli`` extra."""
+    return require("PIL.Image", "cli", feature)
 
 
 class ExtractError(ValueError):
@@ -78,8 +84,9 @@ class Preprocess:
         h, w = size if size is not None else tuple(cfg.input_size[1:])
         if h <= 0 or w <= 0:
             raise ExtractError(f"image size must be positive, got {h}x{w}")
-        if cfg.interpolation not in _RESAMPLE:
-            raise ExtractError(f"{cfg.name}: unknown interpolation {cfg.interpolation!r}; valid: {sorted(_RESAMPLE)}")
+        if cfg.interpolation not in INTERPOLATIONS:
+            raise ExtractError(f"{cfg.name}: unknown interpolation {cfg.interpolation!r}; "
+                               f"valid: {sorted(INTERPOLATIONS)}")
         crop_pct = cfg.crop_pct if cfg.crop_pct and cfg.crop_pct > 0 else 1.0
         resize = (math.floor(h / crop_pct), math.floor(w / crop_pct))
         return cls((int(h), int(w)), resize, cfg.interpolation, tuple(cfg.mean), tuple(cfg.std), jpeg_draft)
@@ -91,6 +98,7 @@ class Preprocess:
     # -- one image ----------------------------------------------------------------------
     def load(self, path: PathLike) -> np.ndarray:
         """Decode ``path`` into the uint8 ``(H, W, 3)`` crop; :class:`SkippedImage` if it is not a usable image."""
+        Image = pillow()
         try:
             # stat first: opening a FIFO found in a folder would block forever
             if not stat.S_ISREG(os.stat(path).st_mode):
@@ -105,7 +113,7 @@ class Preprocess:
                 raise SkippedImage("empty file")
             try:
                 img = Image.open(f)
-            except UnidentifiedImageError:
+            except Image.UnidentifiedImageError:
                 raise SkippedImage("not an image") from None
             except Image.DecompressionBombError as e:
                 raise SkippedImage(f"too large: {e}") from None
@@ -118,8 +126,9 @@ class Preprocess:
             except Exception as e:  # decoders of corrupt files raise anything (OSError, SyntaxError, struct.error...)
                 raise SkippedImage(f"corrupt image: {type(e).__name__}: {e}") from None
 
-    def apply(self, img: Image.Image) -> np.ndarray:
+    def apply(self, img) -> np.ndarray:
         """Preprocess an opened (not necessarily loaded) PIL image into the uint8 ``(H, W, 3)`` crop."""
+        Image = pillow()
         try:
             orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
         except Exception:  # a broken EXIF block: ignore the orientation, keep the pixels
@@ -128,7 +137,7 @@ class Preprocess:
             self._draft(img, orientation)
         img.load()
         if orientation in range(2, 9):
-            img = ImageOps.exif_transpose(img)
+            img = require("PIL.ImageOps", "cli", "featurezoo.extract").exif_transpose(img)
         img = _to_rgb(img)
         w, h = img.size
         th, tw = self.size
@@ -142,10 +151,10 @@ class Preprocess:
         top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
         sx, sy = w / nw, h / nh
         box = (left * sx, top * sy, (left + tw) * sx, (top + th) * sy)
-        img = img.resize((tw, th), _RESAMPLE[self.interpolation], box=box)
+        img = img.resize((tw, th), Image.Resampling[INTERPOLATIONS[self.interpolation]], box=box)
         return np.array(img, dtype=np.uint8)  # a writable copy (asarray's view of PIL memory is read-only)
 
-    def _draft(self, img: Image.Image, orientation: int) -> None:
+    def _draft(self, img, orientation: int) -> None:
         w, h = img.size
         if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: the stored width becomes the height
             rh, rw = self.resize[1], self.resize[0]
@@ -168,7 +177,8 @@ class Preprocess:
         return x if dtype == torch.float32 else x.to(dtype)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_rgb(img):
+    Image = pillow()
     mode = img.mode
     if mode == "RGB":
         return img
@@ -246,6 +256,7 @@ def _read_list(list_path: str, excluded: set) -> List[str]:
 def looks_like_images(paths: Sequence[str], sniff: int = 32) -> bool:
     """Whether any of ``paths`` is plausibly an image: an image suffix, or else
     (for the first ``sniff`` paths) a header Pillow identifies."""
+    Image = pillow()
     exts = Image.registered_extensions()
     if any(os.path.splitext(p)[1].lower() in exts for p in paths):
         return True

@@ -1,16 +1,11 @@
-"""Extract multi-scale features from image files into a resumable output directory.
-
->>> summary = extract_features("resnet18", ["photos/"], "feats/", out_indices="pyramid")  # doctest: +SKIP
->>> feats = load_features("feats/")                                                       # doctest: +SKIP
->>> feats.paths[0], {k: tuple(v.shape) for k, v in feats.levels.items()}                   # doctest: +SKIP
-('/abs/photos/a.jpg', {'relu': (12, 64, 112, 112), 'layer1': (12, 64, 56, 56), ...})
+"""The extraction run: :func:`extract_features` and the checks before it.
 
 Everything that can be wrong with the arguments (model, indices, dtype,
 device, checkpoint, inputs, output directory) is checked before anything is
-written. Images are decoded (:mod:`.extract_data`) in DataLoader workers
-while the model runs, or, where decoding is cheap next to the model and cores
-are few, in this process, which is faster there (:func:`choose_workers`).
-Shards are written by a background thread (:mod:`.extract_store`). See
+written. Images are decoded (:mod:`.data`) in DataLoader workers while the
+model runs, or, where decoding is cheap next to the model and cores are few,
+in this process, which is faster there (:func:`choose_workers`).
+Shards are written by a background thread (:mod:`.store`). See
 ``benchmarks/bench_extract.py``.
 """
 from __future__ import annotations
@@ -29,15 +24,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import numpy
+import safetensors
 import torch
 import torch.nn as nn
 
-from .extract_data import ExtractError, ImageBatches, PathLike, Preprocess, collect_inputs, looks_like_images
-from .extract_store import FeatureStore, Features, inputs_digest, iter_shards, load_features
+from .. import __version__
+from .._optional import require
+from ..factory import create_model
+from ..registry import build_on_meta
+from .data import ExtractError, ImageBatches, PathLike, Preprocess, collect_inputs, looks_like_images, pillow
+from .store import FeatureStore, inputs_digest
 
-__all__ = ["extract_features", "load_features", "iter_shards", "Features", "ExtractSummary", "ExtractError",
-           "Preprocess", "collect_inputs", "build_feature_model", "probe_model", "choose_workers",
-           "resolve_dtype", "resolve_device", "POOLS", "DTYPES", "RANDOM_INIT_SEED"]
+__all__ = ["extract_features", "ExtractSummary", "build_feature_model", "probe_model", "weights_setting",
+           "choose_workers", "resolve_dtype", "resolve_device", "pool_features", "versions", "POOLS", "DTYPES",
+           "RANDOM_INIT_SEED", "OutIndices"]
 
 _logger = logging.getLogger(__name__)
 
@@ -124,10 +125,7 @@ def probe_model(model_name: str, out_indices: OutIndices, size: Optional[Tuple[i
     Returns ``(feature_info, out_indices, cfg, shapes)`` with shapes ``(C, H, W)``
     per selected level. Raises ``ValueError`` for an unknown model or bad indices.
     """
-    from .factory import create_model
-
-    with torch.device("meta"):
-        model = create_model(model_name, features_only=True, out_indices=out_indices)
+    model = build_on_meta(model_name, features_only=True, out_indices=out_indices)
     cfg = model.default_cfg
     h, w = size if size is not None else tuple(cfg.input_size[1:])
     with torch.device("meta"), torch.no_grad():
@@ -146,8 +144,6 @@ def build_feature_model(model_name: str, out_indices: OutIndices = None, checkpo
     Without a checkpoint or ``pretrained`` it is initialised from
     :data:`RANDOM_INIT_SEED` (the caller's RNG state is left alone).
     """
-    from .factory import create_model
-
     kwargs = dict(features_only=True, out_indices=out_indices)
     if checkpoint_path:
         model = create_model(model_name, checkpoint_path=os.fspath(checkpoint_path), **kwargs)
@@ -161,12 +157,8 @@ def build_feature_model(model_name: str, out_indices: OutIndices = None, checkpo
 
 
 def versions() -> Dict[str, str]:
-    import numpy
-    import PIL
-    import safetensors
-
-    from . import __version__
-
+    """The versions that made a run, as recorded in ``meta.json``."""
+    PIL = require("PIL", "cli", "featurezoo.extract")
     return {"featurezoo": __version__, "torch": torch.__version__, "pillow": PIL.__version__,
             "numpy": numpy.__version__, "safetensors": safetensors.__version__,
             "python": platform.python_version()}
@@ -250,6 +242,7 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     try:
         from tqdm import tqdm
     except ImportError:
+        _logger.warning("no progress bar: tqdm is not installed (pip install 'featurezoo[cli]')")
         return None
     return tqdm(total=total, initial=initial, unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1,
                 file=sys.stderr)
@@ -299,7 +292,7 @@ def extract_features(
 
     Args:
         inputs: image files, folders (recursive) and text files of paths; see
-            :func:`featurezoo.extract_data.collect_inputs`. Sorted, so batch
+            :func:`featurezoo.extract.data.collect_inputs`. Sorted, so batch
             ``k`` always holds the same images.
         out_dir: created if needed. If it holds a run with the same settings,
             that run is resumed (done batches are kept); different settings
@@ -317,8 +310,12 @@ def extract_features(
         jpeg_draft: let JPEGs decode at a reduced scale when they are at least
             twice the size needed (faster, very slightly different pixels).
         threads: torch threads for the model during the run (default: unchanged).
-        progress: show a progress bar (images/s) on stderr.
+        progress: show a progress bar (images/s) on stderr (needs tqdm).
+
+    Decoding needs Pillow: without it, :class:`~featurezoo._optional.MissingDependency`
+    (a ``ModuleNotFoundError``) says which extra to install, before anything is written.
     """
+    pillow()
     if pool not in POOLS:
         raise ExtractError(f"pool {pool!r} is not valid; use one of {', '.join(POOLS)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -1,20 +1,24 @@
-"""``featurezoo plot``: one panel per feature level over the input image.
+"""The figure of ``featurezoo plot``: one panel per feature level over the input image.
 
 Each level is shown either as its first three principal components mapped to
 RGB (``pca``: regions the backbone represents alike get alike colours) or as
 its channel-mean heatmap (``mean``). Drawn with matplotlib's Agg canvas
-directly, so no pyplot state and no GUI backend is touched.
+directly, so no pyplot state and no GUI backend is touched. Pillow and
+matplotlib (the ``cli`` extra) are imported when a figure is drawn.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-__all__ = ["pca_rgb", "mean_heatmap", "render_pyramid", "MODES"]
+from .._optional import require
+from ..atomic import atomic_write
+
+__all__ = ["pca_rgb", "mean_heatmap", "render_pyramid", "image_format", "MODES"]
 
 MODES = ("pca", "mean")
 
@@ -51,8 +55,22 @@ def mean_heatmap(feat: torch.Tensor) -> np.ndarray:
 
 def _upsample(arr: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Float map in [0, 1] (``(h, w)`` or ``(h, w, 3)``) resized bilinearly to ``size`` = (H, W)."""
+    Image = require("PIL.Image", "cli", "featurezoo plot")
     u8 = (arr * 255).round().astype(np.uint8)
     return np.asarray(Image.fromarray(u8).resize((size[1], size[0]), Image.Resampling.BILINEAR)) / 255.0
+
+
+def image_format(path) -> str:
+    """The image format matplotlib writes for ``path``'s suffix (``png`` without one); ``ValueError`` if none."""
+    require("matplotlib", "cli", "featurezoo plot")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise ValueError(f"cannot write the plot to {os.fspath(path)}: format {fmt!r} is not supported; "
+                         f"use one of {', '.join(sorted(formats))}")
+    return fmt
 
 
 def render_pyramid(image: np.ndarray, feats: Sequence[torch.Tensor], levels: Sequence[Mapping], path,
@@ -64,6 +82,8 @@ def render_pyramid(image: np.ndarray, feats: Sequence[torch.Tensor], levels: Seq
     """
     if mode not in MODES:
         raise ValueError(f"plot mode {mode!r} is not valid; use one of {', '.join(MODES)}")
+    require("PIL.Image", "cli", "featurezoo plot")
+    require("matplotlib", "cli", "featurezoo plot")
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -89,4 +109,6 @@ def render_pyramid(image: np.ndarray, feats: Sequence[torch.Tensor], levels: Seq
         ax.set_axis_off()
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=90)
+    fmt = image_format(path)
+    with atomic_write(path) as f:
+        fig.savefig(f, format=fmt, dpi=90)

@@ -9,9 +9,10 @@ Layout of ``OUT``::
                        {"i": 8, "path": "...", "skipped": "not an image"}
     shards/NNNNNN.safetensors   batch NNNNNN: one tensor per feature level, rows aligned
 
-A shard is written under a temporary name and renamed into place; only then
-are its lines appended to the index. So the index never names a partial
-shard, and the index's complete batches are always a prefix of the batches:
+Every file is written with :func:`featurezoo.atomic.atomic_write` (a
+temporary name, fsync, rename, fsync of the folder); only after its shard is
+in place are a batch's lines appended to the index. So the index never names
+a partial shard, and the index's complete batches are always a prefix of the batches:
 resuming re-reads that prefix, cuts off a torn last line, removes any shard
 past it, and carries on with the next batch.
 """
@@ -32,9 +33,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .extract_data import ExtractError, PathLike
+from ..atomic import atomic_path, atomic_write, write_bytes_atomic, write_json_atomic
+from .data import ExtractError, PathLike
 
-__all__ = ["FeatureStore", "Features", "load_features", "iter_shards", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["FeatureStore", "Features", "load_features", "iter_shards", "write_safetensors", "inputs_digest",
+           "FORMAT", "FORMAT_VERSION"]
 
 _logger = logging.getLogger(__name__)
 
@@ -57,16 +60,6 @@ def inputs_digest(paths: Sequence[str]) -> str:
     for p in paths:
         h.update(p.encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:
@@ -244,12 +237,12 @@ class FeatureStore:
             with open(self.out / INDEX, "ab") as f:
                 f.truncate(self.state.good_bytes)
         else:
-            _write_json_atomic(self.out / INPUTS, self.paths)
-            (self.out / INDEX).write_bytes(b"")
+            write_json_atomic(self.out / INPUTS, self.paths)
+            write_bytes_atomic(self.out / INDEX, b"")
             self.meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "settings": self.settings}
         self.meta["versions"] = dict(versions or {})
         self.meta["status"] = {"complete": self.complete, **self.counts()}
-        _write_json_atomic(self.out / META, self.meta)
+        write_json_atomic(self.out / META, self.meta)
         self._remove_stale_shards()
         self._index_file = open(self.out / INDEX, "ab")
         return self.state.done_batches
@@ -269,10 +262,7 @@ class FeatureStore:
             raise RuntimeError(f"batch {k} written out of order; expected batch {self.state.done_batches}")
         shard = shard_name(k) if rows else None
         if shard is not None:
-            final = self.out / shard
-            tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-            write_safetensors(tmp, tensors, {"format": FORMAT, "batch": str(k), "rows": str(len(rows))})
-            os.replace(tmp, final)
+            write_safetensors(self.out / shard, tensors, {"format": FORMAT, "batch": str(k), "rows": str(len(rows))})
         reasons = dict(skipped)
         row_of = {pos: r for r, pos in enumerate(rows)}
         start, stop = k * self.batch_size, min((k + 1) * self.batch_size, len(self.paths))
@@ -302,7 +292,7 @@ class FeatureStore:
         """Record the outcome, and this run's figures in the run history."""
         self.meta["status"] = {"complete": self.complete, **self.counts()}
         self.meta.setdefault("runs", []).append(dict(run))
-        _write_json_atomic(self.out / META, self.meta)
+        write_json_atomic(self.out / META, self.meta)
 
     def close(self) -> None:
         for f in (self._index_file, self._lock_file):
@@ -317,15 +307,15 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Write CPU ``tensors`` as a safetensors file, then fsync it.
+    """Write CPU ``tensors`` as a safetensors file at ``path``, atomically.
 
     Equivalent to ``safetensors.torch.save_file`` (and read back by it), but the
     tensor bytes go straight from tensor memory to ``write()``, which releases
     the GIL: on a shard writer thread, the model's thread keeps running.
     """
     if sys.byteorder != "little":  # the format is little-endian; let the library convert
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(path), metadata=dict(metadata))
-        _fsync_path(path)
+        with atomic_path(path) as tmp:
+            save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=dict(metadata))
         return
     header: Dict[str, Any] = {"__metadata__": dict(metadata)}
     arrays = []
@@ -339,22 +329,11 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
             arrays.append(t.reshape(-1).view(torch.uint8).numpy())
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask
-    with open(fd, "wb", buffering=0) as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for a in arrays:
+    with atomic_write(path, "wb", buffering=0) as f:
+        for a in [struct.pack("<Q", len(head)) + head, *arrays]:
             view = memoryview(a)
             while view:  # a raw write may be partial
                 view = view[f.write(view):]
-        os.fsync(f.fileno())
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""``featurezoo extract MODEL INPUT... -o OUT``: features of images into a resumable directory of shards."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from ..extract import DTYPES, POOLS, ExtractSummary, extract_features
+from .common import (EXIT_OK, add_levels, add_weights, check_model, need, parse_size, plural, positive_int,
+                     workers)
+
+__all__ = ["NAME", "add_parser", "run", "run_extract"]
+
+NAME = "extract"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(NAME, help="extract features of image files or folders into a directory of shards")
+    p.add_argument("model")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders (recursive) or text files of paths (.txt, .lst, .list)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory (resumed if it exists)")
+    add_levels(p, None, "all levels")
+    p.add_argument("--pool", choices=POOLS, default="none",
+                   help="none: store (C,H,W) maps; avg/max: store (C,) vectors (default: none)")
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="default: 32")
+    p.add_argument("--workers", type=workers, default=None, metavar="N",
+                   help="decoding processes; 0 decodes in the main process; auto (default) times the first "
+                        "batches and uses workers only where decoding is slow next to the model")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="torch threads for the model (default: torch's)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    add_weights(p)
+    p.add_argument("--size", type=parse_size, metavar="H[xW]", help="model input size (default: the model's cfg)")
+    p.add_argument("--no-draft", action="store_true",
+                   help="decode JPEGs at full size (default: reduced-scale decoding when the image is >= 2x "
+                        "the size needed)")
+    p.add_argument("--overwrite", action="store_true", help="replace features in OUT made with other settings")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run_extract(model: str, inputs: Sequence[str], out: str, *, progress: bool = True, **kwargs) -> ExtractSummary:
+    """Run an extraction and print what happened (shared by ``extract`` and ``demo``)."""
+    summary = extract_features(model, inputs, out, progress=progress, **kwargs)
+    before = summary.images + summary.skipped - summary.new_images - summary.new_skipped
+    if summary.new_images + summary.new_skipped == 0 and summary.complete:
+        print(f"{summary.out_dir}: already complete, nothing to do ({plural(summary.images, 'image')}, "
+              f"{summary.skipped} skipped)")
+        return summary
+    parts = [plural(summary.images, "image"), f"{summary.skipped} skipped"]
+    if before:
+        parts.append(f"{before} from an earlier run")
+    decoding = "decoded in-process" if not summary.workers else f"{plural(summary.workers, 'decoding worker')}"
+    print(f"done: {', '.join(parts)}; {plural(summary.new_images + summary.new_skipped, 'input')} in "
+          f"{summary.seconds:.1f} s ({summary.rate:.1f} img/s, {decoding})")
+    if summary.skipped:
+        print(f"skipped inputs and their reasons are listed in {summary.out_dir / 'index.jsonl'}")
+    print(f"features: {summary.out_dir}")
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    need(NAME, "PIL")
+    check_model(args.model)
+    run_extract(args.model, args.inputs, args.out, progress=not args.quiet and sys.stderr.isatty(),
+                out_indices=args.out_indices, pool=args.pool, batch_size=args.batch_size, workers=args.workers,
+                dtype=args.dtype, device=args.device, checkpoint_path=args.checkpoint, pretrained=args.pretrained,
+                size=args.size, jpeg_draft=not args.no_draft, overwrite=args.overwrite, threads=args.threads)
+    return EXIT_OK
