@@ -32,3 +32,5 @@ from . import regnet  # noqa: F401
 from . import vgg  # noqa: F401
 from . import nasnet  # noqa: F401
 from . import pnasnet  # noqa: F401
+from . import swin  # noqa: F401
+from . import swinv2  # noqa: F401
