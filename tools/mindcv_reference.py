@@ -210,8 +210,9 @@ def randomise_norms(net, rng):
         if _param(cell, "beta") is not None or _param(cell, "moving_mean") is not None:
             norm_params.update(id(p) for p in (_param(cell, "gamma"), _param(cell, "beta")) if p is not None)
     counts["layer_scale"] = 0
+    # PoolFormer's layer scales are `layer_scale_1/2` (no other MindCV 0.3.0 model has a parameter so named).
     for name, p in net.parameters_and_names():
-        if name.rsplit(".", 1)[-1].startswith("gamma") and id(p) not in norm_params:
+        if name.rsplit(".", 1)[-1].startswith(("gamma", "layer_scale")) and id(p) not in norm_params:
             _set(p, rng.uniform(0.2, 1.0, p.shape))
             counts["layer_scale"] += 1
     counts["classes"] = sorted(classes)
@@ -287,6 +288,127 @@ def build_feature_extractor(name, net):
     return wrapper, fi
 
 
+# --------------------------------------------------------------------------- PVT (v1) only
+
+# MindCV 0.3.0's pvt.py resizes position embeddings with ops.ResizeBilinear(size) (default flags
+# align_corners=False, half_pixel_centers=False), an op MindSpore 2.10 no longer has: every PVT fails at
+# stage 2 with an AttributeError. MindSpore's 2.0-2.2 documentation of that op says "This API is deprecated,
+# please use mindspore.ops.ResizeBilinearV2 instead"; V2 has the same two flags and takes the size as an
+# input. For these four models only, ops.ResizeBilinear is provided as that thin shim, after checking it
+# against the old op's documented semantics (check_resize_bilinear_shim, recorded in meta.json). At 224 px
+# MindCV's stages 2-4 "resize" 28x28 -> 28x28, 14 -> 14, 7 -> 7, which the check covers too.
+PVT_V1 = ("pvt_tiny", "pvt_small", "pvt_medium", "pvt_large")
+
+
+class ResizeBilinearShim:
+    """``ops.ResizeBilinear(size, align_corners, half_pixel_centers)`` of MindSpore < 2.3 on ResizeBilinearV2."""
+
+    def __init__(self, size, align_corners=False, half_pixel_centers=False):
+        self.size = tuple(int(s) for s in size)
+        self._op = mindspore.ops.ResizeBilinearV2(align_corners=align_corners, half_pixel_centers=half_pixel_centers)
+
+    def __call__(self, x):
+        return self._op(x, self.size)
+
+
+def _bilinear_by_hand(x, out_h, out_w):
+    """The documented semantics of ops.ResizeBilinear with align_corners=False, half_pixel_centers=False:
+    output pixel (i, j) samples the input at (i * in_h / out_h, j * in_w / out_w), clamped at the last
+    row/column, by bilinear interpolation (numpy, float64)."""
+    x = x.astype(np.float64)
+    in_h, in_w = x.shape[-2:]
+    out = np.empty(x.shape[:-2] + (out_h, out_w))
+    for i in range(out_h):
+        sy = i * in_h / out_h
+        y0 = int(np.floor(sy))
+        y1, fy = min(y0 + 1, in_h - 1), sy - y0
+        for j in range(out_w):
+            sx = j * in_w / out_w
+            x0 = int(np.floor(sx))
+            x1, fx = min(x0 + 1, in_w - 1), sx - x0
+            top = x[..., y0, x0] * (1 - fx) + x[..., y0, x1] * fx
+            bottom = x[..., y1, x0] * (1 - fx) + x[..., y1, x1] * fx
+            out[..., i, j] = top * (1 - fy) + bottom * fy
+    return out
+
+
+def check_resize_bilinear_shim():
+    """The shim against (a) the example output printed in MindSpore 2.0-2.2's documentation of the deprecated
+    resize (nn.ResizeBilinear, same default flags: [[1,2,3,4],[5,6,7,8]] -> 5x5), (b) the hand computation above
+    on random maps (up, down, non-square, identity sizes; float32 and float16, as PVT's embeddings are)."""
+    documented = np.array([[1.0, 1.8, 2.6, 3.4, 4.0], [2.6, 3.4, 4.2, 5.0, 5.6], [4.2, 5.0, 5.8, 6.6, 7.2],
+                           [5.0, 5.8, 6.6, 7.4, 8.0], [5.0, 5.8, 6.6, 7.4, 8.0]])
+    example = np.arange(1, 9, dtype=np.float32).reshape(1, 1, 2, 4)
+    got = ResizeBilinearShim((5, 5))(mindspore.Tensor(example)).asnumpy()[0, 0]
+    result = {"documented_example_max_abs_err": float(np.abs(got - documented).max()), "cases": []}
+    rng = np.random.RandomState(0)
+    worst = 0.0
+    for (in_h, in_w), (out_h, out_w) in (((2, 3), (3, 5)), ((7, 7), (4, 3)), ((5, 4), (11, 9)),
+                                         ((28, 28), (28, 28)), ((7, 7), (7, 7)), ((6, 6), (13, 17))):
+        for dtype, tol in ((np.float32, 1e-5), (np.float16, 2e-3)):  # float16: one ulp below 4
+            x = rng.standard_normal((1, 3, in_h, in_w)).astype(dtype)
+            got = ResizeBilinearShim((out_h, out_w))(mindspore.Tensor(x)).asnumpy()
+            err = float(np.abs(got.astype(np.float64) - _bilinear_by_hand(x, out_h, out_w)).max())
+            worst = max(worst, err / tol)
+            result["cases"].append({"in": [in_h, in_w], "out": [out_h, out_w], "dtype": np.dtype(dtype).name,
+                                    "max_abs_err": err, "tol": tol, "out_dtype": str(got.dtype)})
+    # The check can tell the semantics apart: half-pixel centres (torch's align_corners=False) miss by far.
+    x = rng.standard_normal((1, 3, 5, 4)).astype(np.float32)
+    other = ResizeBilinearShim((11, 9), half_pixel_centers=True)(mindspore.Tensor(x)).asnumpy()
+    result["control_half_pixel_centers_max_abs_err"] = float(np.abs(other - _bilinear_by_hand(x, 11, 9)).max())
+    result["ok"] = bool(result["documented_example_max_abs_err"] <= 1e-5 and worst <= 1.0
+                        and result["control_half_pixel_centers_max_abs_err"] > 0.1)
+    if not result["ok"]:
+        raise RuntimeError(f"ops.ResizeBilinear shim differs from the documented semantics: {result}")
+    return result
+
+
+def patch_pvt(meta):
+    """Provide ops.ResizeBilinear (checked); MindSpore 2.10 has none, so nothing of MindSpore's is replaced."""
+    meta["resize_bilinear_shim_check"] = check_resize_bilinear_shim()
+    if not hasattr(mindspore.ops, "ResizeBilinear"):
+        mindspore.ops.ResizeBilinear = ResizeBilinearShim
+        meta["reference_patch"] = "ops.ResizeBilinear = ResizeBilinearShim (over ops.ResizeBilinearV2)"
+
+
+def randomise_pvt_embeddings(net, rng):
+    """MindCV initialises PVT's position embeddings and class token to zero; give them values (N(0, 0.5),
+    rounded to the parameters' float16 / float32) so that the parity check sees how they are added."""
+    names = []
+    for name, p in net.parameters_and_names():
+        if name.startswith("pos_embed") or name == "cls_token":
+            _set(p, rng.normal(0.0, 0.5, p.shape))
+            names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------- MAE pre-training models only
+
+# MindCV 0.3.0 registers mae_{b,l,h}_16_224_pretrain, but their builders start with default_cfgs[name], which
+# mae.py does not define (KeyError), and MAEForPretrain's forward needs a mask: MindCV cannot create or run them,
+# and their reference records that error. So that featurezoo's parameter count is still checked against MindCV's,
+# these names are built once more by MindCV's own builder with an empty default_cfgs entry supplied for the call
+# (then removed); only the parameter names, shapes and counts of that build are recorded.
+MAE_PRETRAIN = ("mae_b_16_224_pretrain", "mae_l_16_224_pretrain", "mae_h_16_224_pretrain")
+
+
+def mae_pretrain_params(model):
+    import mindcv.models.mae as mae
+
+    mae.default_cfgs[model] = {}
+    try:
+        net = mindcv.models.create_model(model, num_classes=NUM_CLASSES)  # lazy init: shapes only
+    finally:
+        del mae.default_cfgs[model]
+    params = net.get_parameters()
+    return {
+        "param_shapes": {p.name: list(p.shape) for p in net.get_parameters()},
+        "trainable_params": int(sum(int(np.prod(p.shape)) for p in net.trainable_params())),
+        "total_params": int(sum(int(np.prod(p.shape)) for p in params)),
+        "params_from": "MindCV's builder with an empty default_cfgs entry (its registered builder fails)",
+    }
+
+
 # --------------------------------------------------------------------------- one job
 
 
@@ -332,6 +454,10 @@ def run_job(job, out_root, force=False):
     net = wrapper = None
     try:
         seed_everything(seed)
+        if model in PVT_V1:
+            stage = "patch"
+            patch_pvt(meta)
+            stage = "create"
         net = create_model(model)
         materialise(net)
         meta["param_shapes"] = {p.name: list(p.shape) for p in net.get_parameters()}
@@ -344,6 +470,8 @@ def run_job(job, out_root, force=False):
 
         stage = "randomise"
         meta["randomised_norms"] = randomise_norms(net, np.random.RandomState(seed + 1))
+        if model in PVT_V1:
+            meta["randomised_embeddings"] = randomise_pvt_embeddings(net, np.random.RandomState(seed + 3))
         x = np.random.RandomState(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
         meta["bn"] = job.get("bn", "random")
         if meta["bn"] == "calibrated":
@@ -395,6 +523,8 @@ def run_job(job, out_root, force=False):
         meta["error_traceback"] = traceback.format_exc(limit=8)[-4000:]
         for fname in ("model.ckpt", "outputs.npz"):
             (tmp / fname).unlink(missing_ok=True)
+        if model in MAE_PRETRAIN and stage == "create":
+            meta.update(mae_pretrain_params(model))
     finally:
         del net, wrapper
         gc.collect()

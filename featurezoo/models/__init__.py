@@ -34,3 +34,5 @@ from . import nasnet  # noqa: F401
 from . import pnasnet  # noqa: F401
 from . import swin  # noqa: F401
 from . import swinv2  # noqa: F401
+from . import pvtv2  # noqa: F401
+from . import pvt  # noqa: F401
