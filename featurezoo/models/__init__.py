@@ -36,3 +36,5 @@ from . import swin  # noqa: F401
 from . import swinv2  # noqa: F401
 from . import pvtv2  # noqa: F401
 from . import pvt  # noqa: F401
+from . import poolformer  # noqa: F401
+from . import edgenext  # noqa: F401
