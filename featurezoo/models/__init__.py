@@ -38,3 +38,5 @@ from . import pvtv2  # noqa: F401
 from . import pvt  # noqa: F401
 from . import poolformer  # noqa: F401
 from . import edgenext  # noqa: F401
+from . import pit  # noqa: F401
+from . import visformer  # noqa: F401
