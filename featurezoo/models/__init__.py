@@ -40,3 +40,5 @@ from . import poolformer  # noqa: F401
 from . import edgenext  # noqa: F401
 from . import pit  # noqa: F401
 from . import visformer  # noqa: F401
+from . import mobilevit  # noqa: F401
+from . import cmt  # noqa: F401
