@@ -42,3 +42,4 @@ from . import pit  # noqa: F401
 from . import visformer  # noqa: F401
 from . import mobilevit  # noqa: F401
 from . import cmt  # noqa: F401
+from . import coat  # noqa: F401
