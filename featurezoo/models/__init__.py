@@ -43,3 +43,5 @@ from . import visformer  # noqa: F401
 from . import mobilevit  # noqa: F401
 from . import cmt  # noqa: F401
 from . import coat  # noqa: F401
+from . import vit  # noqa: F401
+from . import mae  # noqa: F401
