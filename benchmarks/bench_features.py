@@ -34,7 +34,13 @@ TIMM_TWINS: Dict[str, Tuple[str, Sequence[int]]] = {
     "densenet121": ("densenet121", (0, 1, 2, 3, 4)),
     "regnet_y_1_6gf": ("regnety_016", (0, 1, 2, 3, 4)),
     "inception_v3": ("inception_v3", (0, 1, 2, 3, 4)),
+    "pvt_v2_b2": ("pvt_v2_b2", (0, 1, 2, 3)),
+    "poolformer_s12": ("poolformer_s12", (0, 1, 2, 3)),
+    "swin_tiny": ("swin_tiny_patch4_window7_224", (0, 1, 2, 3)),  # timm outputs NHWC, we NCHW
+    "vit_b_16_224": ("vit_base_patch16_224", (2, 5, 8, 11)),  # 4 evenly spaced blocks
 }
+# Plain models list every block at one reduction: their levels are matched by name (blocks.i), not reduction.
+PLAIN = {"vit_b_16_224"}
 
 
 def build_pair(name: str, device: str, dtype: torch.dtype):
@@ -43,8 +49,12 @@ def build_pair(name: str, device: str, dtype: torch.dtype):
 
     timm_name, timm_idx = TIMM_TWINS[name]
     theirs = timm.create_model(timm_name, features_only=True, out_indices=timm_idx, pretrained=False)
-    last_at = {r: i for i, r in enumerate(fz.get_feature_info(name).reduction())}  # the pyramid's entries
-    ours_idx = [last_at[r] for r in theirs.feature_info.reduction() if r in last_at]
+    info = fz.get_feature_info(name)
+    if name in PLAIN:
+        ours_idx = [info.module_name().index(n) for n in theirs.feature_info.module_name()]
+    else:
+        last_at = {r: i for i, r in enumerate(info.reduction())}  # the pyramid's entries
+        ours_idx = [last_at[r] for r in theirs.feature_info.reduction() if r in last_at]
     ours = fz.create_model(name, features_only=True, out_indices=ours_idx)
     return [m.eval().to(device=device, dtype=dtype) for m in (ours, theirs)]
 

@@ -26,7 +26,7 @@ IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class IndexMap:
-    """A rename replacement that renumbers: ``template`` formatted with each captured group
+    r"""A rename replacement that renumbers: ``template`` formatted with each captured group
     ``g`` as ``scale * int(g) + offset`` (one ``(scale, offset)`` per group).
 
     >>> import re

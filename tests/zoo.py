@@ -21,7 +21,10 @@ PARITY_SIZE = 64
 # measured against a float64 run of the same weights: resnest269 1.8e-4 (random BN; ours
 # 2.3e-4, resnest200 1.4e-4, varying with thread count), seresnet152 1.2e-4 (calibrated BN;
 # ours 1.3e-4). Per-block agreement of these models is within 6e-5.
-PARITY_RTOL_OVERRIDES: Dict[str, float] = {"hrnet_w32": 2e-4, "hrnet_w48": 2e-4, "resnest200": 5e-4,
+# resnest200's reference as regenerated on this machine (2026-12-01) is itself 6.0e-4 of max|ref| away
+# from our float64 run on its layer3 (1.5e-4 on logits), while our float32 is within 7.1e-5 of float64:
+# the error is MindSpore's float32 rounding, which moves with its thread count; hence 1e-3 there.
+PARITY_RTOL_OVERRIDES: Dict[str, float] = {"hrnet_w32": 2e-4, "hrnet_w48": 2e-4, "resnest200": 1e-3,
                                            "resnest269": 5e-4, "seresnet152": 5e-4}
 # Very deep SE-ResNets whose activations explode under random BatchNorm statistics
 # (seresnet152's logits reach ~1e5 and MindCV's own float32 result is 0.44 of max|ref| away
