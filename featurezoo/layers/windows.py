@@ -14,13 +14,15 @@ tokens) and :class:`Mlp` (fc1, tanh GELU, fc2).
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["window_partition", "window_reverse", "relative_position_index", "shift_window_mask",
+from ..features import take_levels
+
+__all__ = ["SwinStages", "window_partition", "window_reverse", "relative_position_index", "shift_window_mask",
            "pad_to_multiple", "padded_size", "project_qkv", "window_attention", "ShiftMaskCache", "PatchEmbed",
            "Mlp"]
 
@@ -192,3 +194,51 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class SwinStages(nn.Module):
+    """The stage loop Swin and Swin V2 share: ``patch_embed``, ``pos_drop``, ``layers[i]`` (``blocks``
+    then ``downsample``), a final ``norm`` on ``(B, H, W, C)`` tokens and a head named by
+    ``head_name``. One path serves the logits (``forward_features``) and the levels
+    (``forward_levels``: the NCHW ends of the requested stages, nothing computed past the deepest)."""
+
+    head_name = "head"
+
+    def _run_stages(self, x: torch.Tensor, take: FrozenSet[int], deepest: int
+                    ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """Patch embedding and stages 0..deepest; the ``(B, H, W, C)`` ends of the stages in ``take``,
+        and the last stage's end."""
+        x = self.pos_drop(self.patch_embed(x))
+        feats = []
+        for i, layer in enumerate(self.layers[:deepest + 1]):
+            for blk in layer.blocks:
+                x = blk(x)
+            if i in take:
+                feats.append(x)
+            if i < deepest:
+                x = layer.downsample(x)
+        return feats, x
+
+    def forward_levels(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
+        """The ``feature_info`` entries ``indices`` (ascending) as NCHW maps, computing nothing past the deepest."""
+        take, deepest = take_levels(indices, len(self.feature_info))
+        feats, _ = self._run_stages(x, take, deepest)
+        return [f.permute(0, 3, 1, 2).contiguous() for f in feats]
+
+    def prune_levels(self, indices: Sequence[int]) -> None:
+        """Delete the head and everything after the deepest stage in ``indices`` (its PatchMerging too)."""
+        _, deepest = take_levels(indices, len(self.feature_info))
+        del self.norm
+        delattr(self, self.head_name)
+        del self.layers[deepest + 1:]
+        self.layers[deepest].downsample = None
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        _, x = self._run_stages(x, frozenset(), len(self.layers) - 1)
+        return self.norm(x).mean(dim=(1, 2))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.head_name)(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

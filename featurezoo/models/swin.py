@@ -40,17 +40,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
-from ..features import take_levels
 from ..layers.drop_path import DropPath
 from ..layers.init import init_weights, trunc_normal
-from ..layers.windows import (Mlp, PatchEmbed, ShiftMaskCache, pad_to_multiple, padded_size,
+from ..layers.windows import (SwinStages, Mlp, PatchEmbed, ShiftMaskCache, pad_to_multiple, padded_size,
                               project_qkv, relative_position_index, shift_window_mask, window_attention,
                               window_partition, window_reverse)
 from ..registry import register_model
@@ -225,7 +224,7 @@ class BasicLayer(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(SwinStages):
     """Swin Transformer classifier; ``feature_info``: ``layers.i.blocks.{last}`` at strides 4..32.
 
     Args:
@@ -237,6 +236,8 @@ class SwinTransformer(nn.Module):
         drop_rate, attn_drop_rate, drop_path_rate: dropout rates (identity in eval).
         patch_norm: LayerNorm after the patch embedding.
     """
+
+    head_name = "classifier"
 
     def __init__(self, image_size: int = 224, patch_size: int = 4, in_channels: int = 3, num_classes: int = 1000,
                  embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
@@ -267,44 +268,6 @@ class SwinTransformer(nn.Module):
         self.norm = nn.LayerNorm(self.num_features, eps=1e-5)
         self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         init_weights(self, linear=trunc_normal(0.02, -2.0, 2.0))
-
-    def _run_stages(self, x: torch.Tensor, take: FrozenSet[int], deepest: int
-                    ) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """Patch embedding and stages 0..deepest; the ``(B, H, W, C)`` ends of the stages in ``take``,
-        and the last stage's end."""
-        x = self.pos_drop(self.patch_embed(x))
-        feats = []
-        for i, layer in enumerate(self.layers[:deepest + 1]):
-            for blk in layer.blocks:
-                x = blk(x)
-            if i in take:
-                feats.append(x)
-            if i < deepest:
-                x = layer.downsample(x)
-        return feats, x
-
-    def forward_levels(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
-        """The ``feature_info`` entries ``indices`` (ascending) as NCHW maps, computing nothing past the deepest."""
-        take, deepest = take_levels(indices, len(self.feature_info))
-        feats, _ = self._run_stages(x, take, deepest)
-        return [f.permute(0, 3, 1, 2).contiguous() for f in feats]
-
-    def prune_levels(self, indices: Sequence[int]) -> None:
-        """Delete the head and everything after the deepest stage in ``indices`` (its PatchMerging too)."""
-        _, deepest = take_levels(indices, len(self.feature_info))
-        del self.norm, self.classifier
-        del self.layers[deepest + 1:]
-        self.layers[deepest].downsample = None
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        _, x = self._run_stages(x, frozenset(), len(self.layers) - 1)
-        return self.norm(x).mean(dim=(1, 2))
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_swin(variant: str, pretrained: bool = False, **kwargs) -> SwinTransformer:
