@@ -51,7 +51,11 @@ def test_feature_shapes_match_feature_info(name):
         assert len(shapes) == len(info)
         for shape, entry in zip(shapes, info):
             r = entry["reduction"]
-            expected = (1, entry["chs"], math.ceil(h / r), math.ceil(w / r))
+            if "grid" in entry:  # a fixed token grid (CrossViT resizes its input): the same maps at every size
+                expected = (1, entry["chs"], *entry["grid"])
+                assert r == round(cfg.input_size[-1] / entry["grid"][-1]), f"{name}: reduction at the native size"
+            else:
+                expected = (1, entry["chs"], math.ceil(h / r), math.ceil(w / r))
             assert shape == expected, f"{name} {entry['name']} at {h}x{w}px"
 
 

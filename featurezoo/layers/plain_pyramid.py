@@ -35,17 +35,19 @@ without moving them).
 
 A model uses :func:`level_blocks` to know which block each entry comes from
 and :func:`plain_levels` to turn the block maps it computed into the
-requested entries.
+requested entries. A model whose blocks run at two or more strides (VOLO)
+uses :func:`staged_feature_info`, :func:`level_sources` and
+:func:`staged_levels` the same way.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["PYRAMID_STRIDES", "derived_strides", "plain_feature_info", "level_blocks", "derive_level",
-           "plain_levels"]
+           "plain_levels", "staged_feature_info", "level_sources", "staged_levels"]
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
 
@@ -123,4 +125,75 @@ def plain_levels(feature_info: Sequence[Mapping[str, Any]], indices: Sequence[in
         x = maps[blocks[i]]
         entry = feature_info[i]
         out.append(x if entry["native"] else derive_level(x, native_stride, entry["reduction"]).contiguous())
+    return out
+
+
+# -- models whose blocks run at more than one stride (VOLO: outlookers at 8, transformer blocks at 16) --
+
+
+def staged_feature_info(stages: Sequence[Tuple[int, int, Sequence[str]]],
+                        targets: Sequence[int] = PYRAMID_STRIDES) -> List[Dict[str, Any]]:
+    """``feature_info`` of a model whose blocks run at several strides: ``stages`` lists
+    ``(chs, stride, block names)`` in run order, strides increasing. One native entry per block, plus
+    each target no stage has, derived (:func:`derive_level`) from one stage's last block: the coarsest
+    stage finer than the target (pooled down; placed just after that block), or, for a target finer
+    than every stage, the first stage (interpolated up; placed just before its last block). So
+    ``"pyramid"`` stays in increasing strides. With one stage this is :func:`plain_feature_info`.
+
+    >>> info = staged_feature_info([(4, 8, ["a.0", "a.1"]), (6, 16, ["b.0", "b.1"])])
+    >>> [(e["name"], e["chs"], e["reduction"], e["native"]) for e in info]  # doctest: +NORMALIZE_WHITESPACE
+    [('a.0', 4, 8, True), ('a.1@4', 4, 4, False), ('a.1', 4, 8, True), ('b.0', 6, 16, True),
+     ('b.1', 6, 16, True), ('b.1@32', 6, 32, False)]
+    """
+    if not stages or any(not names for _, _, names in stages):
+        raise ValueError("staged_feature_info: every stage needs at least one block")
+    strides = [s for _, s, _ in stages]
+    if any(a >= b for a, b in zip(strides, strides[1:])):
+        raise ValueError(f"staged_feature_info: stage strides must increase, got {strides}")
+    before: Dict[int, List[int]] = {k: [] for k in range(len(stages))}
+    after: Dict[int, List[int]] = {k: [] for k in range(len(stages))}
+    for t in sorted(set(targets)):
+        if t in strides:
+            continue
+        finer = [k for k, s in enumerate(strides) if s < t]
+        k = finer[-1] if finer else 0
+        ratio, rem = divmod(max(t, strides[k]), min(t, strides[k]))
+        if rem == 0 and _is_power_of_two(ratio):
+            (after if finer else before)[k].append(t)
+    info: List[Dict[str, Any]] = []
+    for k, (chs, stride, names) in enumerate(stages):
+        last = names[-1]
+        info += [dict(chs=chs, reduction=stride, name=n, native=True) for n in names[:-1]]
+        info += [dict(chs=chs, reduction=t, name=f"{last}@{t}", native=False) for t in before[k]]
+        info.append(dict(chs=chs, reduction=stride, name=last, native=True))
+        info += [dict(chs=chs, reduction=t, name=f"{last}@{t}", native=False) for t in after[k]]
+    return info
+
+
+def level_sources(feature_info: Sequence[Mapping[str, Any]]) -> List[int]:
+    """For each entry of a :func:`staged_feature_info` (or :func:`plain_feature_info`) list, the index of
+    the block (in run order) it is or derives from; a derived entry is named ``<block>@<stride>``."""
+    block_of = {e["name"]: b for b, e in enumerate(e for e in feature_info if e["native"])}
+    return [block_of[e["name"] if e["native"] else e["name"].rpartition("@")[0]] for e in feature_info]
+
+
+def staged_levels(feature_info: Sequence[Mapping[str, Any]], indices: Sequence[int],
+                  maps: Mapping[int, torch.Tensor], input_hw: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+    """The entries ``indices`` (ascending) from the NCHW block maps ``maps`` ({block index: map}, holding
+    every block :func:`level_sources` names for them). With ``input_hw``, an interpolated level keeps only
+    the ``ceil(size / stride)`` rows and columns that lie on the image (a model whose maps are
+    ``ceil(size / stride)``: 2 x ceil(67 / 8) = 18 rows at stride 4, of which 17 cover the 67 px)."""
+    sources = level_sources(feature_info)
+    native = [e for e in feature_info if e["native"]]
+    out = []
+    for i in indices:
+        b, entry = sources[i], feature_info[i]
+        x = maps[b]
+        if not entry["native"]:
+            r = entry["reduction"]
+            x = derive_level(x, native[b]["reduction"], r)
+            if input_hw is not None and r < native[b]["reduction"]:
+                x = x[..., :-(-int(input_hw[0]) // r), :-(-int(input_hw[1]) // r)]
+            x = x.contiguous()
+        out.append(x)
     return out

@@ -45,3 +45,9 @@ from . import cmt  # noqa: F401
 from . import coat  # noqa: F401
 from . import vit  # noqa: F401
 from . import mae  # noqa: F401
+from . import cait  # noqa: F401
+from . import mlpmixer  # noqa: F401
+from . import convit  # noqa: F401
+from . import xcit  # noqa: F401
+from . import crossvit  # noqa: F401
+from . import volo  # noqa: F401

@@ -39,22 +39,10 @@ import torch.nn.functional as F
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers.helpers import make_divisible, total_stride
 from ..layers.init import he_uniform, init_weights
+from ..layers.unfold import extract_image_patches
 from ..registry import register_model
 
 __all__ = ["HaloNet", "HaloAttention", "BottleneckBlock", "SelfAttnBlock", "extract_image_patches"]
-
-
-def extract_image_patches(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    """MindSpore's ``nn.Unfold`` (``ExtractImagePatches``) with ``valid`` padding and rate 1.
-
-    Returns ``(N, kernel * kernel * C, out_h, out_w)`` whose channel index is
-    ``(row * kernel + col) * C + c``: window position major, channel minor
-    (MindSpore computes it in NHWC, as TensorFlow).
-    """
-    n, c = x.shape[:2]
-    windows = x.unfold(2, kernel, stride).unfold(3, kernel, stride)  # N, C, out_h, out_w, k, k
-    out_h, out_w = windows.shape[2:4]
-    return windows.permute(0, 4, 5, 1, 2, 3).reshape(n, kernel * kernel * c, out_h, out_w)
 
 
 class ActLayer(nn.Module):
