@@ -17,7 +17,7 @@ from typing import Optional
 __all__ = ["MissingDependency", "require", "PACKAGES"]
 
 # import name -> the name pip installs it under
-PACKAGES = {"PIL": "Pillow", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+PACKAGES = {"PIL": "Pillow", "matplotlib": "matplotlib", "tqdm": "tqdm", "torchvision": "torchvision"}
 
 
 class MissingDependency(ModuleNotFoundError):

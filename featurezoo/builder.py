@@ -7,14 +7,14 @@ Layer: imports :mod:`featurezoo.cfg`, :mod:`featurezoo.registry`,
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch.nn as nn
 
 from .cfg import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ModelCfg, generate_default_cfgs, resolve_cfg
 from .checkpoint import load_pretrained
 from .features import FeatureExtractWrapper
-from .registry import current_model_name
+from .registry import current_model_name, model_module, models_with_output_stride
 
 __all__ = ["ModelCfg", "build_model_with_cfg", "resolve_cfg", "generate_default_cfgs",
            "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD"]
@@ -28,6 +28,11 @@ def build_model_with_cfg(
     default_cfg: Union[ModelCfg, Mapping[str, Any], None] = None,
     features_only: bool = False,
     out_indices: Union[Sequence[int], str, None] = None,
+    output_stride: Optional[int] = None,
+    as_dict: bool = False,
+    level_names: Union[str, Sequence[str], None] = None,
+    frozen_stages: int = -1,
+    norm_eval: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build ``model_cls(**kwargs)``, load pretrained weights, wrap for features.
@@ -43,18 +48,43 @@ def build_model_with_cfg(
         features_only: return a :class:`FeatureExtractWrapper` instead.
         out_indices: which ``feature_info`` entries to output (see
             :func:`featurezoo.features.normalize_out_indices`); ``None`` = all.
+        output_stride: 8 or 16 to dilate the last stages instead of striding
+            them (models whose cfg declares ``output_strides``); 32 or ``None``
+            for the model as designed.
+        as_dict, level_names, frozen_stages, norm_eval: feature models only;
+            see :class:`featurezoo.features.FeatureExtractWrapper`.
     """
     cfg = resolve_cfg(default_cfg, name=current_model_name() or getattr(model_cls, "__name__", ""))
-    if not features_only and out_indices is not None:
-        raise ValueError(f"out_indices={out_indices!r} was given for {cfg.name} without features_only=True")
+    if not features_only:
+        given = {k: v for k, v in dict(out_indices=out_indices, as_dict=as_dict, level_names=level_names,
+                                       frozen_stages=frozen_stages, norm_eval=norm_eval).items()
+                 if v not in (None, False, -1)}
+        if given:
+            raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} given for {cfg.name} without "
+                             f"features_only=True; these options belong to feature models")
+    if output_stride is not None:
+        kwargs["output_stride"] = _check_output_stride(cfg, output_stride)
     model = model_cls(**kwargs)
     model.default_cfg = cfg
 
     if features_only:
-        model = FeatureExtractWrapper(model, out_indices=out_indices, model_name=cfg.name)
+        model = FeatureExtractWrapper(model, out_indices=out_indices, model_name=cfg.name, as_dict=as_dict,
+                                      level_names=level_names, frozen_stages=frozen_stages, norm_eval=norm_eval)
 
     if pretrained:
         load_pretrained(
             model, cfg, num_classes=kwargs.get("num_classes", cfg.num_classes), in_channels=kwargs.get("in_channels", 3)
         )
     return model
+
+
+def _check_output_stride(cfg: ModelCfg, output_stride: Any) -> int:
+    if isinstance(output_stride, bool) or output_stride not in (8, 16, 32):
+        raise ValueError(f"{cfg.name}: output_stride={output_stride!r} is not valid; use 8, 16 or 32")
+    if output_stride not in cfg.output_strides:
+        able = sorted({model_module(n) for n in models_with_output_stride()})
+        raise ValueError(f"{cfg.name} does not support output_stride={output_stride}"
+                         + (f" (it supports {list(cfg.output_strides)})" if cfg.output_strides else
+                            ": its stages cannot trade stride for dilation")
+                         + f". Families that support output_stride: {', '.join(able)}")
+    return output_stride

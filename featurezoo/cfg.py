@@ -98,6 +98,14 @@ class ModelCfg:
         valid_padding: why, if so, the maps are smaller than
             ``ceil(size / reduction)`` (unpadded stems, floor pools).
         size_note: why the size facts are what they are.
+    Detector options:
+        output_strides: the ``output_stride`` values the model builds (its
+            last stages dilated instead of strided); ``()``: not supported.
+        stage_modules: for ``frozen_stages``, where a model's levels do not
+            tell its stages apart (HRNet's levels all leave through the last
+            stage): the stem's module paths, then each stage's (several joined
+            by ``,``). ``()``: found from ``feature_info`` (see
+            :mod:`featurezoo.freezing`).
     Checkpoint names:
         timm_twin: the timm model whose weights map exactly onto this one.
         timm_renames: rules turning timm names into ours (applied in order).
@@ -122,6 +130,8 @@ class ModelCfg:
     input_sides: Tuple[int, ...] = ()
     valid_padding: str = ""
     size_note: str = ""
+    output_strides: Tuple[int, ...] = ()
+    stage_modules: Tuple[str, ...] = ()
     timm_twin: str = ""
     timm_renames: RenameRules = ()
     timm_convert: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = field(default=None, compare=False)
@@ -139,6 +149,10 @@ class ModelCfg:
                 not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in sides):
             raise ValueError(f"{who}: input_sides must be a tuple of positive ints, got {sides!r}")
         object.__setattr__(self, "input_sides", tuple(sides))
+        strides = self.output_strides
+        if not isinstance(strides, (list, tuple)) or any(s not in (8, 16, 32) or isinstance(s, bool) for s in strides):
+            raise ValueError(f"{who}: output_strides must be a tuple of 8, 16, 32, got {strides!r}")
+        object.__setattr__(self, "output_strides", tuple(strides))
         if (self.timm_renames or self.timm_convert) and not self.timm_twin:
             raise ValueError(f"{who}: timm_renames/timm_convert are declared but timm_twin is empty")
         if self.timm_convert is not None and not callable(self.timm_convert):

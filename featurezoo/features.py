@@ -32,15 +32,19 @@ Layer: imports :mod:`featurezoo.registry` (for meta-device builds) only.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+import math
+from collections import OrderedDict
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from .freezing import (apply_eval_modes, check_frozen_stages, frozen_modules, frozen_parameter_names,
+                       num_stages, probe_input_size)
 from .registry import build_on_meta
 
 __all__ = ["FeatureInfo", "FeatureExtractWrapper", "SequentialFeatures", "LevelFeatures", "RewrittenFeatures",
-           "normalize_out_indices", "take_levels", "get_feature_info", "PYRAMID"]
+           "normalize_out_indices", "take_levels", "get_feature_info", "PYRAMID", "ShapeSpec"]
 
 _logger = logging.getLogger(__name__)
 
@@ -259,6 +263,67 @@ def _prune_after(model: nn.Module, steps: List[Tuple[str, nn.Module]]) -> None:
     prune(model, "")
 
 
+class ShapeSpec(NamedTuple):
+    """A level's channels and stride (the fields detectron2's ``ShapeSpec`` has; height and width
+    are left ``None`` because a backbone runs at any size)."""
+
+    channels: int
+    height: Optional[int] = None
+    width: Optional[int] = None
+    stride: Optional[int] = None
+
+
+def _level_names(level_names: Union[str, Sequence[str], None], info: "FeatureInfo", model_name: str) -> List[str]:
+    """The output names: the feature names (default), a list, or a pattern with ``{stride}``,
+    ``{level}`` (log2 of the stride: ``"res{level}"`` gives detectron2's res2..res5) or ``{index}``."""
+    n = len(info)
+    if level_names is None:
+        names = [e["name"] for e in info]
+    elif isinstance(level_names, str):
+        names = []
+        for i, e in enumerate(info):
+            r = e["reduction"]
+            level = int(math.log2(r)) if r & (r - 1) == 0 else None
+            if "{level}" in level_names and level is None:
+                raise ValueError(f"{model_name}: level_names={level_names!r} uses {{level}} (log2 of the stride) "
+                                 f"but entry {e['name']!r} has stride {r}, not a power of two; use {{stride}}")
+            try:
+                names.append(level_names.format(stride=r, level=level, index=i))
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"{model_name}: level_names={level_names!r} is not a valid pattern ({err}); "
+                                 f"use {{stride}}, {{level}} or {{index}}, e.g. 'res{{level}}'") from None
+    elif isinstance(level_names, Sequence) and all(isinstance(v, str) and v for v in level_names):
+        names = list(level_names)
+        if len(names) != n:
+            raise ValueError(f"{model_name}: level_names has {len(names)} names for {n} outputs "
+                             f"({[e['name'] for e in info]})")
+    else:
+        raise ValueError(f"{model_name}: level_names must be None, a pattern like 'res{{level}}' or a list of "
+                         f"non-empty strings, got {level_names!r}")
+    dup = sorted({v for v in names if names.count(v) > 1})
+    if dup:
+        raise ValueError(f"{model_name}: level_names gives the name(s) {dup} to several outputs "
+                         f"(strides {[e['reduction'] for e in info]}); use '{{index}}' or a list")
+    return names
+
+
+def _in_channels(model: nn.Module) -> int:
+    """The input channels the model takes (its declared first conv, else its first conv or linear)."""
+    for name in getattr(getattr(model, "default_cfg", None), "first_conv_names", ()):
+        try:
+            first = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(first, nn.Conv2d):
+            return first.in_channels
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+        if isinstance(m, nn.Linear):
+            return m.in_features
+    return 3
+
+
 def take_levels(indices: Sequence[int], num_levels: int) -> Tuple[FrozenSet[int], int]:
     """The start of every ``forward_levels`` / ``prune_levels``: the set of requested
     ``feature_info`` entries and the deepest one, checked (``ValueError`` if empty or out of range)."""
@@ -304,22 +369,47 @@ class FeatureExtractWrapper(nn.Module):
     _names_are_modules = True
 
     def __init__(self, model: nn.Module, out_indices: Union[Sequence[int], str, None] = None,
-                 model_name: Optional[str] = None):
+                 model_name: Optional[str] = None, *, as_dict: bool = False,
+                 level_names: Union[str, Sequence[str], None] = None, frozen_stages: int = -1,
+                 norm_eval: bool = False):
         super().__init__()
         name = model_name or getattr(getattr(model, "default_cfg", None), "name", "") or type(model).__name__
         if not hasattr(model, "feature_info"):
             raise ValueError(f"{name} does not support features_only: it registers no feature_info")
         full_info = FeatureInfo(model.feature_info, name, module=model if self._names_are_modules else None)
         indices = normalize_out_indices(out_indices, full_info)
+        selected = full_info.select(indices)
+        if not isinstance(as_dict, bool):
+            raise ValueError(f"{name}: as_dict must be True or False, got {as_dict!r}")
+        if not isinstance(norm_eval, bool):
+            raise ValueError(f"{name}: norm_eval must be True or False, got {norm_eval!r}")
+        names = _level_names(level_names, selected, name)
+        cfg = getattr(model, "default_cfg", None)
+        stage_modules = tuple(getattr(cfg, "stage_modules", ()) or ())
+        frozen_stages = check_frozen_stages(frozen_stages, num_stages(full_info.info, stage_modules), name)
+        frozen: set = set()
+        if frozen_stages >= 0:
+            # Read on the complete model, before anything is pruned: the stages' own forward.
+            frozen = frozen_parameter_names(
+                model, full_info.info, frozen_stages, lambda x, idx: self._levels_of(model, full_info, idx, x),
+                probe_input_size(cfg), _in_channels(model), name, stage_modules)
 
         self.model_name = name
         self.out_indices = indices
-        self.feature_info = full_info.select(indices)
+        self.feature_info = selected
         self.out_channels = self.feature_info.channels()
         self.default_cfg = getattr(model, "default_cfg", None)
+        self.as_dict = as_dict
+        self.level_names = names
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
         self._full_feature_info = full_info
         self.full_state_keys = frozenset(model.state_dict())
         self._prune(model, full_info, indices)
+        for pname, p in model.named_parameters():
+            if pname in frozen:
+                p.requires_grad_(False)
+        self._frozen_modules = frozen_modules(model, frozen)
         # Hold the model's own containers: state_dict keys stay the model's keys.
         self._modules = model._modules
         self._parameters = model._parameters
@@ -328,17 +418,41 @@ class FeatureExtractWrapper(nn.Module):
         object.__setattr__(self, "_backbone", model)
         self.train(model.training)
 
+    @staticmethod
+    def _levels_of(model: nn.Module, info: "FeatureInfo", indices: List[int], x: torch.Tensor) -> List[torch.Tensor]:
+        """The entries ``indices`` (ascending) of the complete, unpruned ``model``."""
+        raise NotImplementedError
+
     def _prune(self, model: nn.Module, info: FeatureInfo, indices: List[int]) -> None:
         """Drop what the selected outputs do not need (and remember how to compute them)."""
         raise NotImplementedError
 
+    def _levels(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The selected entries, in ``out_indices`` order."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> Union[List[torch.Tensor], "OrderedDict[str, torch.Tensor]"]:
+        feats = self._levels(x)
+        if self.as_dict:
+            return OrderedDict(zip(self.level_names, feats))
+        return feats
+
+    def output_shape(self) -> "OrderedDict[str, ShapeSpec]":
+        """``{level name: ShapeSpec(channels, stride)}`` in output order (detectron2's ``Backbone.output_shape``)."""
+        return OrderedDict((n, ShapeSpec(channels=e["chs"], stride=e["reduction"]))
+                           for n, e in zip(self.level_names, self.feature_info))
+
     def train(self, mode: bool = True) -> "FeatureExtractWrapper":
         self._backbone.train(mode)
         self.training = mode
+        apply_eval_modes(self._backbone, getattr(self, "_frozen_modules", ()), getattr(self, "norm_eval", False))
         return self
 
     def extra_repr(self) -> str:
-        return f"model={self.model_name}, out_indices={self.out_indices}"
+        extra = f", frozen_stages={self.frozen_stages}" if self.frozen_stages >= 0 else ""
+        extra += ", norm_eval=True" if self.norm_eval else ""
+        extra += ", as_dict=True" if self.as_dict else ""
+        return f"model={self.model_name}, out_indices={self.out_indices}{extra}"
 
 
 class SequentialFeatures(FeatureExtractWrapper):
@@ -353,14 +467,26 @@ class SequentialFeatures(FeatureExtractWrapper):
         self._capture = {n: pos for pos, n in enumerate(names)}
         self._to_nchw = {n for n, i in zip(names, indices) if info[i].get("fmt", "NCHW") == "NHWC"}
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        out: List[Optional[torch.Tensor]] = [None] * len(self.out_indices)
-        for name, module in self._steps:
+    @staticmethod
+    def _run(steps: List[Tuple[str, nn.Module]], capture: Mapping[str, int], to_nchw: Set[str], count: int,
+             x: torch.Tensor) -> List[torch.Tensor]:
+        out: List[Optional[torch.Tensor]] = [None] * count
+        for name, module in steps:
             x = module(x)
-            pos = self._capture.get(name)
+            pos = capture.get(name)
             if pos is not None:
-                out[pos] = x.permute(0, 3, 1, 2) if name in self._to_nchw else x
+                out[pos] = x.permute(0, 3, 1, 2) if name in to_nchw else x
         return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _levels_of(model: nn.Module, info: FeatureInfo, indices: List[int], x: torch.Tensor) -> List[torch.Tensor]:
+        names = [info.module_name(i) for i in indices]
+        steps = _sequential_plan(model, names, info.model_name)
+        to_nchw = {n for n, i in zip(names, indices) if info[i].get("fmt", "NCHW") == "NHWC"}
+        return SequentialFeatures._run(steps, {n: p for p, n in enumerate(names)}, to_nchw, len(names), x)
+
+    def _levels(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self._run(self._steps, self._capture, self._to_nchw, len(self.out_indices), x)
 
 
 class LevelFeatures(FeatureExtractWrapper):
@@ -374,7 +500,11 @@ class LevelFeatures(FeatureExtractWrapper):
         self._position = [self._order.index(i) for i in indices]
         model.prune_levels(self._order)
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    @staticmethod
+    def _levels_of(model: nn.Module, info: FeatureInfo, indices: List[int], x: torch.Tensor) -> List[torch.Tensor]:
+        return model.forward_levels(x, indices)
+
+    def _levels(self, x: torch.Tensor) -> List[torch.Tensor]:
         feats = self._backbone.forward_levels(x, self._order)
         return [feats[p] for p in self._position]
 
@@ -391,15 +521,25 @@ class RewrittenFeatures(FeatureExtractWrapper):
             if leaf in owner._modules:
                 del owner._modules[leaf]
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        feats = self._backbone.forward_features(x)
-        if not isinstance(feats, (list, tuple)) or len(feats) != len(self._full_feature_info):
+    @staticmethod
+    def _rewritten_levels(model: nn.Module, info: FeatureInfo, x: torch.Tensor) -> Sequence[torch.Tensor]:
+        feats = model.forward_features(x)
+        if not isinstance(feats, (list, tuple)) or len(feats) != len(info):
             got = f"{len(feats)} tensors" if isinstance(feats, (list, tuple)) else f"a {type(feats).__name__}"
             raise RuntimeError(
-                f"{self.model_name}: forward_features returned {got} but feature_info has "
-                f"{len(self._full_feature_info)} entries; an is_rewritten model must return a list with one "
+                f"{info.model_name}: forward_features returned {got} but feature_info has "
+                f"{len(info)} entries; an is_rewritten model must return a list with one "
                 f"tensor per entry"
             )
+        return feats
+
+    @staticmethod
+    def _levels_of(model: nn.Module, info: FeatureInfo, indices: List[int], x: torch.Tensor) -> List[torch.Tensor]:
+        feats = RewrittenFeatures._rewritten_levels(model, info, x)
+        return [feats[i] for i in indices]
+
+    def _levels(self, x: torch.Tensor) -> List[torch.Tensor]:
+        feats = self._rewritten_levels(self._backbone, self._full_feature_info, x)
         return [feats[i] for i in self.out_indices]
 
 

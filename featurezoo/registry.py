@@ -26,7 +26,8 @@ import torch.nn as nn
 from .cfg import ModelCfg, resolve_cfg
 
 __all__ = ["register_model", "list_models", "is_model", "model_entrypoint", "list_modules", "model_module",
-           "get_model_cfg", "call_builder", "build_on_meta", "current_model_name", "supports_features"]
+           "get_model_cfg", "call_builder", "build_on_meta", "current_model_name", "supports_features",
+           "models_with_output_stride"]
 
 _model_entrypoints: Dict[str, Callable] = {}
 _model_to_module: Dict[str, str] = {}
@@ -160,3 +161,8 @@ def build_on_meta(model_name: str, **kwargs: Any) -> nn.Module:
 def supports_features(model_name: str) -> bool:
     """Whether ``create_model(model_name, features_only=True)`` works (it registers ``feature_info``)."""
     return bool(getattr(build_on_meta(model_name), "feature_info", None))
+
+
+def models_with_output_stride() -> List[str]:
+    """The registered models whose cfg declares ``output_strides`` (dilated last stages)."""
+    return sorted(n for n, c in _model_cfgs.items() if c.output_strides)

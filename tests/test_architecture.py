@@ -19,12 +19,12 @@ PACKAGE = Path(fz.__file__).parent
 
 # Bottom to top; a module may import only from its own layer's lower entries and the layers below.
 LAYERS = [
-    ["featurezoo.cfg", "featurezoo.atomic", "featurezoo._optional"],
+    ["featurezoo.cfg", "featurezoo.atomic", "featurezoo._optional", "featurezoo.freezing"],
     ["featurezoo.registry"],
     ["featurezoo.features", "featurezoo.checkpoint"],
     ["featurezoo.builder"],
     ["featurezoo.factory"],
-    ["featurezoo.layers", "featurezoo.necks", "featurezoo.models"],
+    ["featurezoo.layers", "featurezoo.necks", "featurezoo.models", "featurezoo.detection"],
     ["featurezoo.cli", "featurezoo.extract"],
 ]
 

@@ -66,6 +66,7 @@ def test_wheel_declares_core_and_cli_dependencies(wheel):
     assert cli == CLI
     assert "cli" in (meta.get_all("Provides-Extra") or []) and "test" in meta.get_all("Provides-Extra")
     assert ("featurezoo", "test") in reqs  # the test extra pulls in featurezoo[cli]
+    assert {name for name, extra in reqs if extra == "detection"} == {"torchvision"}
 
 
 def test_wheel_declares_the_console_script_and_holds_the_packages(wheel):

@@ -5,17 +5,24 @@ the odd pixel of padding at the bottom/right, unlike PyTorch's symmetric
 ``padding``. Matching MindCV's numbers needs the same windows, so the padding
 is computed per input size; where it happens to be symmetric the fast
 built-in padding is used instead of an explicit pad.
+
+The size-dependent computations are module-level functions registered with
+``torch.fx.wrap``: ``torch.fx.symbolic_trace`` records them as single calls
+instead of failing on Python arithmetic over a traced shape, and
+``torch.jit.trace`` / ``torch.export`` trace through them (shapes are static
+there).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["same_pad", "pad2d", "Conv2d", "MaxPool2d", "AvgPool2d", "PAD_MODES"]
+__all__ = ["same_pad", "pad2d", "Conv2d", "MaxPool2d", "AvgPool2d", "PAD_MODES", "conv2d_same", "max_pool2d_ms",
+           "avg_pool2d_ms"]
 
 PAD_MODES = ("same", "valid", "pad")
 _Int2 = Union[int, Tuple[int, int]]
@@ -79,12 +86,72 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._dynamic:
-            (pt, pb), (pl, pr) = (same_pad(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0]),
-                                  same_pad(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1]))
-            if pt == pb and pl == pr:
-                return F.conv2d(x, self.weight, self.bias, self.stride, (pt, pl), self.dilation, self.groups)
-            x = pad2d(x, pl, pr, pt, pb)
+            return conv2d_same(x, self.weight, self.bias, self.stride, self.dilation, self.groups)
         return super().forward(x)
+
+
+def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
+                dilation: Tuple[int, int], groups: int) -> torch.Tensor:
+    """A convolution with MindSpore's ``same`` padding for this input's size."""
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    (pt, pb), (pl, pr) = (same_pad(x.shape[-2], kh, stride[0], dilation[0]),
+                          same_pad(x.shape[-1], kw, stride[1], dilation[1]))
+    if pt == pb and pl == pr:
+        return F.conv2d(x, weight, bias, stride, (pt, pl), dilation, groups)
+    return F.conv2d(pad2d(x, pl, pr, pt, pb), weight, bias, stride, 0, dilation, groups)
+
+
+torch.fx.wrap("conv2d_same")
+
+
+def _pool_pads(x: torch.Tensor, kernel: Tuple[int, int], stride: Tuple[int, int], pad_mode: str,
+               padding: Tuple[int, int]) -> List[Tuple[int, int]]:
+    if pad_mode == "same":
+        return [same_pad(x.shape[-2 + i], kernel[i], stride[i]) for i in range(2)]
+    if pad_mode == "pad":
+        return [(p, p) for p in padding]
+    return [(0, 0), (0, 0)]
+
+
+def _ceil_adds_one(x: torch.Tensor, kernel: Tuple[int, int], stride: Tuple[int, int], pt: int, pl: int, pb: int,
+                   pr: int) -> bool:
+    for i, (lo, hi) in enumerate(((pt, pb), (pl, pr))):
+        size, k, s = x.shape[-2 + i], kernel[i], stride[i]
+        want = (size + lo + hi - k) // s + 1
+        got = math.ceil((size + 2 * lo - k) / s) + 1
+        if (got - 1) * s >= size + lo:  # PyTorch drops a last window that starts in the padding
+            got -= 1
+        if lo * 2 > k or got != want:
+            return False
+    return True
+
+
+def max_pool2d_ms(x: torch.Tensor, kernel: Tuple[int, int], stride: Tuple[int, int], pad_mode: str,
+                  padding: Tuple[int, int]) -> torch.Tensor:
+    """Max pooling with MindSpore's ``pad_mode``; padding never wins the max."""
+    (pt, pb), (pl, pr) = _pool_pads(x, kernel, stride, pad_mode, padding)
+    if pt == pb and pl == pr:
+        return F.max_pool2d(x, kernel, stride, (pt, pl))
+    # Only the bottom/right get one more row: ceil_mode adds exactly that window.
+    if (pb - pt, pr - pl) in ((1, 1), (1, 0), (0, 1)) and _ceil_adds_one(x, kernel, stride, pt, pl, pb, pr):
+        return F.max_pool2d(x, kernel, stride, (pt, pl), ceil_mode=True)
+    x = pad2d(x, pl, pr, pt, pb, value=float("-inf"))
+    return F.max_pool2d(x, kernel, stride)
+
+
+def avg_pool2d_ms(x: torch.Tensor, kernel: Tuple[int, int], stride: Tuple[int, int], pad_mode: str,
+                  padding: Tuple[int, int]) -> torch.Tensor:
+    """Average pooling with MindSpore's ``pad_mode``; padded cells are not counted."""
+    (pt, pb), (pl, pr) = _pool_pads(x, kernel, stride, pad_mode, padding)
+    if pt == pb and pl == pr and 2 * pt <= kernel[0] and 2 * pl <= kernel[1]:
+        return F.avg_pool2d(x, kernel, stride, (pt, pl), count_include_pad=False)
+    ones = torch.ones_like(x[:1, :1])
+    x, ones = F.pad(x, (pl, pr, pt, pb)), F.pad(ones, (pl, pr, pt, pb))
+    return F.avg_pool2d(x, kernel, stride) / F.avg_pool2d(ones, kernel, stride)
+
+
+torch.fx.wrap("max_pool2d_ms")
+torch.fx.wrap("avg_pool2d_ms")
 
 
 class _Pool2d(nn.Module):
@@ -92,13 +159,6 @@ class _Pool2d(nn.Module):
         super().__init__()
         self.pad_mode = _check_pad_mode(pad_mode, padding)
         self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
-
-    def _pads(self, x: torch.Tensor) -> List[Tuple[int, int]]:
-        if self.pad_mode == "same":
-            return [same_pad(x.shape[-2 + i], self.kernel_size[i], self.stride[i]) for i in range(2)]
-        if self.pad_mode == "pad":
-            return [(p, p) for p in self.padding]
-        return [(0, 0), (0, 0)]
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, pad_mode={self.pad_mode!r}"
@@ -108,34 +168,11 @@ class MaxPool2d(_Pool2d):
     """Max pooling with MindSpore's ``pad_mode``; padding never wins the max."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (pt, pb), (pl, pr) = self._pads(x)
-        if pt == pb and pl == pr:
-            return F.max_pool2d(x, self.kernel_size, self.stride, (pt, pl))
-        # Only the bottom/right get one more row: ceil_mode adds exactly that window.
-        if (pb - pt, pr - pl) in ((1, 1), (1, 0), (0, 1)) and self._ceil_adds_one(x, pt, pl, pb, pr):
-            return F.max_pool2d(x, self.kernel_size, self.stride, (pt, pl), ceil_mode=True)
-        x = pad2d(x, pl, pr, pt, pb, value=float("-inf"))
-        return F.max_pool2d(x, self.kernel_size, self.stride)
-
-    def _ceil_adds_one(self, x: torch.Tensor, pt: int, pl: int, pb: int, pr: int) -> bool:
-        for i, (lo, hi) in enumerate(((pt, pb), (pl, pr))):
-            size, k, s = x.shape[-2 + i], self.kernel_size[i], self.stride[i]
-            want = (size + lo + hi - k) // s + 1
-            got = math.ceil((size + 2 * lo - k) / s) + 1
-            if (got - 1) * s >= size + lo:  # PyTorch drops a last window that starts in the padding
-                got -= 1
-            if lo * 2 > k or got != want:
-                return False
-        return True
+        return max_pool2d_ms(x, self.kernel_size, self.stride, self.pad_mode, self.padding)
 
 
 class AvgPool2d(_Pool2d):
     """Average pooling with MindSpore's ``pad_mode``; padded cells are not counted."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (pt, pb), (pl, pr) = self._pads(x)
-        if pt == pb and pl == pr and 2 * pt <= self.kernel_size[0] and 2 * pl <= self.kernel_size[1]:
-            return F.avg_pool2d(x, self.kernel_size, self.stride, (pt, pl), count_include_pad=False)
-        ones = torch.ones_like(x[:1, :1])
-        x, ones = F.pad(x, (pl, pr, pt, pb)), F.pad(ones, (pl, pr, pt, pb))
-        return F.avg_pool2d(x, self.kernel_size, self.stride) / F.avg_pool2d(ones, self.kernel_size, self.stride)
+        return avg_pool2d_ms(x, self.kernel_size, self.stride, self.pad_mode, self.padding)

@@ -29,6 +29,9 @@ class Split(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         chunks = torch.split(x, self.split_size, dim=self.axis)
+        # (Under torch.fx tracing the chunks are one Proxy: index it, do not count it.)
+        if isinstance(chunks, torch.fx.Proxy):
+            return tuple(chunks[i] for i in range(self.output_num))
         if len(chunks) != self.output_num:
             raise ValueError(
                 f"Split: {x.shape[self.axis]} channels in chunks of {self.split_size} give {len(chunks)} "

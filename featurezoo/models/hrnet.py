@@ -299,7 +299,11 @@ def _create_hrnet(variant: str, pretrained: bool = False, **kwargs) -> HRNet:
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="conv1", classifier="classifier", **kwargs)
+    # Every level leaves through the last stage's fusion and the increment heads, so frozen_stages
+    # counts HRNet's own stages (mmdetection's HRNet meaning): the stem, layer1, then each transition + stage.
+    return dict(url=url, num_classes=1000, first_conv="conv1", classifier="classifier",
+                stage_modules=("conv1,bn1,conv2,bn2", "layer1", "transition1,stage2", "transition2,stage3",
+                               "transition3,stage4"), **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
