@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import featurezoo as fz
+from featurezoo.registry import model_module
 from tests.reference import load_meta
 from tests.zoo import HUGE_MODELS, META_ONLY_PARAMS, VALID_PADDED_SIZES, ref_args, zoo_models
 
@@ -88,3 +89,36 @@ def test_truncation_and_state_dict_keys(name):
     assert _num_params(first, False) < _num_params(every, False) < _num_params(full, False)
     heads = full.default_cfg.classifier_names
     assert not any(k.startswith(tuple(h + "." for h in heads)) for k in every.state_dict())
+
+
+OUTPUT_STRIDE_MODELS = [n for n in MODELS if fz.get_model_cfg(n).output_strides]
+
+
+def test_output_stride_families():
+    """The families that dilate (issue 12): ResNet-like, ResNeSt, SE/SK/Res2Net, BiT, RegNet, MobileNets,
+    EfficientNet, ConvNeXt, MnasNet, GhostNet, MixNet, ReXNet."""
+    assert {model_module(n) for n in OUTPUT_STRIDE_MODELS} == {
+        "resnet", "resnest", "senet", "sknet", "res2net", "bit", "resnetv2", "regnet", "mobilenetv1",
+        "mobilenetv2", "mobilenetv3", "efficientnet", "convnext", "mnasnet", "ghostnet", "mixnet", "rexnet"}
+
+
+@pytest.mark.parametrize("name", OUTPUT_STRIDE_MODELS)
+def test_output_stride_shapes(name):
+    device = "meta" if name in HUGE_MODELS else "cpu"
+    for output_stride, size in ((16, 64), (8, (67, 83))):
+        with torch.device(device):
+            model = fz.create_model(name, features_only=True, output_stride=output_stride).eval()
+        info = model.feature_info
+        assert max(info.reduction()) == output_stride
+        assert info.reduction() == [min(r, output_stride) for r in fz.get_feature_info(name).reduction()]
+        h, w = (size, size) if isinstance(size, int) else size
+        for shape, entry in zip(_feature_shapes(model, size, device), info):
+            r = entry["reduction"]
+            assert shape == (1, entry["chs"], math.ceil(h / r), math.ceil(w / r)), f"{name} os{output_stride}"
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if not fz.get_model_cfg(n).output_strides])
+def test_output_stride_refused_where_the_family_cannot(name):
+    with pytest.raises(ValueError, match=f"{name} does not support output_stride=16.*Families that support "
+                                         f"output_stride: .*resnet"):
+        fz.build_on_meta(name, features_only=True, output_stride=16)

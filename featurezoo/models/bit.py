@@ -10,7 +10,8 @@ max pool, and the head is ``gn -> relu -> mean -> 1x1 conv``.
 ``feature_info``: the stem ``conv1`` (stride 2), ``layer1``..``layer3`` and, at
 stride 32, the head's ``relu`` after the final GroupNorm: in a pre-activation
 network ``layer4``'s output is the un-normalised residual sum, the final norm
-and activation are what close the last stage.
+and activation are what close the last stage. ``output_stride`` 16 or 8 dilates
+the last stages instead of striding them (timm's ResNetV2 schedule).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..layers.helpers import total_stride
 from ..layers.pooling import GlobalAvgPooling
 from ..registry import register_model
+from .resnet import stage_dilations
 
 __all__ = ["BiT_ResNet", "Bottleneck", "StdConv2d"]
 
@@ -38,8 +40,9 @@ class StdConv2d(nn.Conv2d):
     eps: float = 1e-10
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 groups: int = 1):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
+                 groups: int = 1, dilation: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation=dilation, groups=groups,
+                         bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -58,14 +61,16 @@ class Bottleneck(nn.Module):
     expansion: int = 4
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1, groups: int = 1, base_width: int = 64,
-                 norm: Optional[Callable[[int, int], nn.Module]] = None, down_sample: Optional[nn.Module] = None):
+                 norm: Optional[Callable[[int, int], nn.Module]] = None, down_sample: Optional[nn.Module] = None,
+                 dilation: int = 1, first_dilation: Optional[int] = None):
         super().__init__()
         norm = norm or _group_norm
+        first_dilation = first_dilation or dilation
         width = int(channels * (base_width / 64.0)) * groups
         self.gn1 = norm(_NUM_GROUPS, in_channels)
         self.conv1 = StdConv2d(in_channels, width, 1)
         self.gn2 = norm(_NUM_GROUPS, width)
-        self.conv2 = StdConv2d(width, width, 3, stride, padding=1, groups=groups)
+        self.conv2 = StdConv2d(width, width, 3, stride, padding=first_dilation, groups=groups, dilation=first_dilation)
         self.gn3 = norm(_NUM_GROUPS, width)
         self.conv3 = StdConv2d(width, channels * self.expansion, 1)
         self.relu = nn.ReLU()
@@ -90,11 +95,12 @@ class BiT_ResNet(nn.Module):  # noqa: N801 (MindCV's class name)
         num_classes, in_channels: classifier outputs, input channels.
         groups, base_width: cardinality and width per group of the 3x3 convs.
         norm: GroupNorm-like class called as ``norm(num_groups, num_channels)``.
+        output_stride: 16 or 8 dilates the last stage(s) instead of striding them.
     """
 
     def __init__(self, block: type = Bottleneck, layers: Sequence[int] = (3, 4, 6, 3), wf: int = 1,
                  num_classes: int = 1000, in_channels: int = 3, groups: int = 1, base_width: int = 64,
-                 norm: Optional[Callable[[int, int], nn.Module]] = None):
+                 norm: Optional[Callable[[int, int], nn.Module]] = None, output_stride: int = 32):
         super().__init__()
         self.norm = norm or _group_norm
         self.input_channels = 64 * wf
@@ -110,29 +116,33 @@ class BiT_ResNet(nn.Module):  # noqa: N801 (MindCV's class name)
         self.max_pool = nn.MaxPool2d(kernel_size=3, stride=2)
         reduction *= total_stride(self.max_pool)
         num_stages = len(layers)
-        for i, (channels, num_blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-            stride = 1 if i == 0 else 2
+        plan = stage_dilations(output_stride, reduction, num_stages)
+        for i, (channels, num_blocks, (stride, first_dilation, dilation)) in enumerate(
+                zip((64, 128, 256, 512), layers, plan)):
             reduction *= stride
-            self.add_module(f"layer{i + 1}", self._make_layer(block, channels * wf, num_blocks, stride))
+            self.add_module(f"layer{i + 1}", self._make_layer(block, channels * wf, num_blocks, stride, dilation,
+                                                              first_dilation))
             if i < num_stages - 1:  # the last stage is closed by the final norm and activation below
-                self.feature_info.append(dict(chs=self.input_channels, reduction=reduction, name=f"layer{i + 1}"))
+                self.feature_info.append(dict(chs=self.input_channels, reduction=reduction, name=f"layer{i + 1}",
+                                              stage=i + 1))
 
         self.gn = self.norm(_NUM_GROUPS, self.input_channels)
         self.relu = nn.ReLU()
-        self.feature_info.append(dict(chs=self.input_channels, reduction=reduction, name="relu"))
+        self.feature_info.append(dict(chs=self.input_channels, reduction=reduction, name="relu", stage=num_stages))
         self.pool = GlobalAvgPooling(keep_dims=True)
         self.num_features = self.input_channels
         self.classifier = nn.Conv2d(self.num_features, num_classes, kernel_size=1, bias=True)
 
-    def _make_layer(self, block: type, channels: int, num_blocks: int, stride: int = 1) -> nn.Sequential:
+    def _make_layer(self, block: type, channels: int, num_blocks: int, stride: int = 1, dilation: int = 1,
+                    first_dilation: int = 1) -> nn.Sequential:
         out_channels = channels * block.expansion
         down_sample = None
         if stride != 1 or self.input_channels != out_channels:
             down_sample = nn.Sequential(StdConv2d(self.input_channels, out_channels, 1, stride))
         blocks: List[nn.Module] = [block(self.input_channels, channels, stride, self.groups, self.base_with,
-                                         self.norm, down_sample)]
+                                         self.norm, down_sample, dilation=dilation, first_dilation=first_dilation)]
         self.input_channels = out_channels
-        blocks += [block(out_channels, channels, 1, self.groups, self.base_with, self.norm)
+        blocks += [block(out_channels, channels, 1, self.groups, self.base_with, self.norm, dilation=dilation)
                    for _ in range(1, num_blocks)]
         return nn.Sequential(*blocks)
 
@@ -154,7 +164,8 @@ def _create_bit(variant: str, pretrained: bool = False, **kwargs) -> BiT_ResNet:
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="conv1", classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="conv1", classifier="classifier", output_strides=(8, 16, 32),
+                **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"

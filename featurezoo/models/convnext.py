@@ -10,6 +10,10 @@ stem (k4 s4) and downsampling (k2 s2) convs use MindSpore's ``same`` padding,
 which only matters for inputs that are not a multiple of the stride; the
 layer-scale parameter is a plain parameter named ``gamma_`` and V2's GRN keeps
 its ``gamma``/``beta``, so a MindCV checkpoint maps onto them unchanged.
+
+``output_stride=16`` (or 8) follows timm's ConvNeXt: a stage whose downsampling
+would pass that stride keeps its 2x2 conv at stride 1 with the dilation before
+the stage (``same`` padding), and its blocks' 7x7 convs take the new dilation.
 """
 from __future__ import annotations
 
@@ -68,9 +72,9 @@ class Block(nn.Module):
     [-> layer scale] -> residual."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6,
-                 use_grn: bool = False):
+                 use_grn: bool = False, dilation: int = 1):
         super().__init__()
-        self.dwconv = Conv2d(dim, dim, kernel_size=7, group=dim, has_bias=True)
+        self.dwconv = Conv2d(dim, dim, kernel_size=7, dilation=dilation, group=dim, has_bias=True)
         self.norm = ConvNextLayerNorm((dim,), epsilon=_LN_EPS)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU(approximate="tanh")
@@ -101,7 +105,8 @@ class ConvNeXt(nn.Module):
 
     ``feature`` alternates downsampling layers and stages (``feature.0`` is the
     stem); ``feature_info`` names the four stages ``feature.1``, ``feature.3``,
-    ``feature.5``, ``feature.7`` at reductions 4, 8, 16, 32, as MindCV does.
+    ``feature.5``, ``feature.7`` at reductions 4, 8, 16, 32, as MindCV does
+    (``stage`` 1 to 4).
 
     Args:
         in_channels, num_classes: input channels, classifier outputs.
@@ -111,21 +116,25 @@ class ConvNeXt(nn.Module):
         layer_scale_init_value: initial layer scale; 0 disables it (V2).
         head_init_scale: factor applied to the initial classifier weights.
         use_grn: Global Response Normalization in every block (V2).
+        output_stride: 32, or 16 / 8 to dilate the stages past that stride instead of downsampling.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1000, depths: Sequence[int] = (3, 3, 9, 3),
                  dims: Sequence[int] = (96, 192, 384, 768), drop_path_rate: float = 0.0,
-                 layer_scale_init_value: float = 1e-6, head_init_scale: float = 1.0, use_grn: bool = False):
+                 layer_scale_init_value: float = 1e-6, head_init_scale: float = 1.0, use_grn: bool = False,
+                 output_stride: int = 32):
         super().__init__()
         if len(depths) != len(dims):
             raise ValueError(f"ConvNeXt: depths {list(depths)} and dims {list(dims)} differ in length")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"ConvNeXt: output_stride must be 8, 16 or 32, got {output_stride!r}")
         self.feature_info: List[dict] = []
 
         total = sum(depths)
         # np.linspace(0, rate, total) as MindCV, without numpy so it also runs under torch.device("meta").
         dp_rates = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
         layers: List[nn.Module] = []
-        reduction, cur = 1, 0
+        reduction, cur, dilation = 1, 0, 1
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             if i == 0:
                 stride = _STEM_STRIDE
@@ -134,20 +143,24 @@ class ConvNeXt(nn.Module):
                     ConvNextLayerNorm((dim,), epsilon=_LN_EPS, norm_axis=1),
                 )
             else:
-                stride = _DOWNSAMPLE_STRIDE
+                stride, first_dilation = _DOWNSAMPLE_STRIDE, dilation
+                if reduction * stride > output_stride:  # the 2x2 conv stays (timm), at stride 1, dilated
+                    stride, dilation = 1, dilation * stride
                 down = nn.Sequential(
                     ConvNextLayerNorm((dims[i - 1],), epsilon=_LN_EPS, norm_axis=1),
-                    Conv2d(dims[i - 1], dim, kernel_size=stride, stride=stride, has_bias=True),
+                    Conv2d(dims[i - 1], dim, kernel_size=_DOWNSAMPLE_STRIDE, stride=stride, dilation=first_dilation,
+                           has_bias=True),
                 )
             reduction *= stride
             stage = nn.Sequential(*[
                 Block(dim, drop_path=dp_rates[cur + j], layer_scale_init_value=layer_scale_init_value,
-                      use_grn=use_grn)
+                      use_grn=use_grn, dilation=dilation)
                 for j in range(depth)
             ])
             cur += depth
             layers += [down, stage]
-            self.feature_info.append(dict(chs=dim, reduction=reduction, name=f"feature.{len(layers) - 1}"))
+            self.feature_info.append(dict(chs=dim, reduction=reduction, name=f"feature.{len(layers) - 1}",
+                                          stage=i + 1))
         self.feature = nn.Sequential(*layers)
         self.num_features = dims[-1]
         self.norm = ConvNextLayerNorm((dims[-1],), epsilon=_LN_EPS)
@@ -180,7 +193,8 @@ def _create_convnext(variant: str, pretrained: bool = False, **kwargs) -> ConvNe
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="feature.0.0", classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="feature.0.0", classifier="classifier",
+                output_strides=(8, 16, 32), **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"

@@ -22,6 +22,11 @@ MindCV details kept here:
 * Stochastic depth grows linearly with the block index (``drop_path_prob``
   times index / number of blocks), acts on residual blocks only, and is the
   identity in eval.
+
+``output_stride=16`` (or 8) turns the stage strides that would pass it into
+dilation, as timm's EfficientNet builder does: the stage's first block (the one
+that loses its stride) keeps the dilation before it, the blocks after take the
+new one. ``feature_info`` keeps its entries, with the real reductions.
 """
 from __future__ import annotations
 
@@ -96,13 +101,13 @@ class MBConv(_Residual):
     """
 
     def __init__(self, in_chs: int, out_chs: int, expand_ratio: float, kernel_size: int, stride: int,
-                 drop_path_prob: float, norm: NormLayer):
+                 drop_path_prob: float, norm: NormLayer, dilation: int = 1):
         mid_chs = _expanded(in_chs, expand_ratio)
         layers: List[nn.Module] = []
         if mid_chs != in_chs:
             layers += [Conv2d(in_chs, mid_chs, 1), norm(mid_chs), Swish()]
         layers += [
-            Conv2d(mid_chs, mid_chs, kernel_size, stride, group=mid_chs), norm(mid_chs), Swish(),
+            Conv2d(mid_chs, mid_chs, kernel_size, stride, dilation=dilation, group=mid_chs), norm(mid_chs), Swish(),
             SqueezeExcite(mid_chs, rd_channels=max(1, in_chs // 4), act_layer=Swish),
             Conv2d(mid_chs, out_chs, 1), norm(out_chs),
         ]
@@ -114,23 +119,33 @@ class FusedMBConv(_Residual):
     kxk conv/BN/Swish when ``expand_ratio`` keeps the width."""
 
     def __init__(self, in_chs: int, out_chs: int, expand_ratio: float, kernel_size: int, stride: int,
-                 drop_path_prob: float, norm: NormLayer):
+                 drop_path_prob: float, norm: NormLayer, dilation: int = 1):
         if stride not in (1, 2):
             raise ValueError(f"FusedMBConv: stride must be 1 or 2, got {stride!r}")
         mid_chs = _expanded(in_chs, expand_ratio)
         if mid_chs != in_chs:
-            layers: List[nn.Module] = [Conv2d(in_chs, mid_chs, kernel_size, stride), norm(mid_chs), Swish(),
-                                       Conv2d(mid_chs, out_chs, 1), norm(out_chs)]
+            layers: List[nn.Module] = [Conv2d(in_chs, mid_chs, kernel_size, stride, dilation=dilation), norm(mid_chs),
+                                       Swish(), Conv2d(mid_chs, out_chs, 1), norm(out_chs)]
         else:
-            layers = [Conv2d(in_chs, out_chs, kernel_size, stride), norm(out_chs), Swish()]
+            layers = [Conv2d(in_chs, out_chs, kernel_size, stride, dilation=dilation), norm(out_chs), Swish()]
         super().__init__(layers, stride == 1 and in_chs == out_chs, drop_path_prob, out_chs)
+
+
+def _entry(chs: int, reduction: int, nominal: int, name: str) -> dict:
+    """A ``feature_info`` entry; past the stem it names its stage, from its reduction at output_stride 32
+    (``nominal``): 4 -> 1, 8 -> 2, 16 -> 3, 32 -> 4."""
+    entry = dict(chs=chs, reduction=reduction, name=name)
+    if nominal >= 4:
+        entry["stage"] = nominal.bit_length() - 2
+    return entry
 
 
 class EfficientNet(nn.Module):
     """EfficientNet / EfficientNetV2 classifier.
 
     ``feature_info``: the stem's Swish (``features.2``), every stage
-    (``features.3`` ...), and the head conv's Swish (the last of ``features``).
+    (``features.3`` ...), and the head conv's Swish (the last of ``features``);
+    past the stem, ``stage`` numbers them by stride (4 -> 1 ... 32 -> 4).
 
     Args:
         stages: the unscaled stage table (``StageCfg`` per stage).
@@ -140,6 +155,7 @@ class EfficientNet(nn.Module):
         num_classes, in_channels: classifier outputs, input channels.
         drop_path_prob: stochastic depth rate of the deepest block.
         norm_layer: normalisation class; ``None`` for MindCV's choice by width.
+        output_stride: 32, or 16 / 8 to dilate the stages past that stride instead of striding.
 
     >>> m = EfficientNet(_B_STAGES)
     >>> m(torch.randn(1, 3, 64, 64)).shape
@@ -148,8 +164,11 @@ class EfficientNet(nn.Module):
 
     def __init__(self, stages: Sequence[StageCfg], width_mult: float = 1.0, depth_mult: float = 1.0,
                  dropout_rate: float = 0.2, head_chs: Optional[int] = None, num_classes: int = 1000,
-                 in_channels: int = 3, drop_path_prob: float = 0.2, norm_layer: Optional[NormLayer] = None):
+                 in_channels: int = 3, drop_path_prob: float = 0.2, norm_layer: Optional[NormLayer] = None,
+                 output_stride: int = 32):
         super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"EfficientNet: output_stride must be 8, 16 or 32, got {output_stride!r}")
         if norm_layer is None:
             norm_layer = nn.BatchNorm2d
             if width_mult >= _WIDE_MODEL_WIDTH:
@@ -158,27 +177,30 @@ class EfficientNet(nn.Module):
 
         stem_chs = stages[0].in_chs
         layers: List[nn.Module] = [Conv2d(in_channels, stem_chs, 3, 2), norm_layer(stem_chs), Swish()]
-        reduction = total_stride(*layers)
-        self.feature_info = [dict(chs=stem_chs, reduction=reduction, name=f"features.{len(layers) - 1}")]
+        nominal = reduction = total_stride(*layers)  # nominal: the reduction at output_stride 32
+        self.feature_info = [_entry(stem_chs, reduction, nominal, f"features.{len(layers) - 1}")]
 
         num_blocks = sum(s.num_layers for s in stages)
-        block_idx = 0
+        block_idx, dilation = 0, 1
         for s in stages:
             block_cls = FusedMBConv if s.fused else MBConv
+            stride, first_dilation = s.stride, dilation
+            if reduction * s.stride > output_stride:
+                stride, dilation = 1, dilation * s.stride
             blocks: List[nn.Module] = []
             for i in range(s.num_layers):
                 first = i == 0
                 blocks.append(block_cls(s.in_chs if first else s.out_chs, s.out_chs, s.expand_ratio, s.kernel_size,
-                                        s.stride if first else 1, drop_path_prob * block_idx / num_blocks,
-                                        norm_layer))
+                                        stride if first else 1, drop_path_prob * block_idx / num_blocks,
+                                        norm_layer, first_dilation if first else dilation))
                 block_idx += 1
-            reduction *= s.stride
+            reduction, nominal = reduction * stride, nominal * s.stride
             layers.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(chs=s.out_chs, reduction=reduction, name=f"features.{len(layers) - 1}"))
+            self.feature_info.append(_entry(s.out_chs, reduction, nominal, f"features.{len(layers) - 1}"))
 
         self.num_features = head_chs or 4 * stages[-1].out_chs
         layers += [Conv2d(stages[-1].out_chs, self.num_features, 1), norm_layer(self.num_features), Swish()]
-        self.feature_info.append(dict(chs=self.num_features, reduction=reduction, name=f"features.{len(layers) - 1}"))
+        self.feature_info.append(_entry(self.num_features, reduction, nominal, f"features.{len(layers) - 1}"))
 
         self.features = nn.Sequential(*layers)
         self.avgpool = GlobalAvgPooling()
@@ -263,7 +285,8 @@ model_cfgs = dict(
 
 def _cfg(url: str = "", **kwargs):
     # MindCV names no first_conv (its commented-out one is not a module); ours is the stem conv.
-    return dict(url=url, num_classes=1000, first_conv="features.0", classifier="mlp_head", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="features.0", classifier="mlp_head",
+                output_strides=(8, 16, 32), **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"

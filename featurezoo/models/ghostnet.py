@@ -11,11 +11,19 @@ group of the setting and, last, a 1x1 ``ConvBnAct`` (MindCV's
 MindCV has no ``feature_info`` here; ours is the last layer at each reduction:
 the stem's ReLU is superseded by ``blocks.0`` (stride 1), then ``blocks.2``,
 ``blocks.4``, ``blocks.6`` and the ``ConvBnAct`` ``blocks.9``.
+
+``output_stride=16`` (or 8) turns the strides that would pass it into dilation
+(timm's GhostNet has no such option; this follows its EfficientNet-builder rule,
+and dilates every spatial conv after a removed stride, as an a-trous network
+does): a block that loses its stride keeps its layers, at stride 1, with the
+dilation before it up to and including its depthwise conv and the new dilation
+in its second ghost module; the blocks after take the new dilation. The entries
+stay those of the model at stride 32, with the real reductions.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -72,10 +80,11 @@ class ConvBnAct(nn.Module):
 
 
 class GhostModule(nn.Module):
-    """``oup`` channels: ``ceil(oup / ratio)`` from a conv, the rest from a depthwise conv of those."""
+    """``oup`` channels: ``ceil(oup / ratio)`` from a conv, the rest from a depthwise conv (dilated by
+    ``dilation``) of those."""
 
     def __init__(self, inp: int, oup: int, kernel_size: int = 1, ratio: int = 2, dw_size: int = 3,
-                 stride: int = 1, relu: bool = True):
+                 stride: int = 1, relu: bool = True, dilation: int = 1):
         super().__init__()
         self.oup = oup
         init_channels = math.ceil(oup / ratio)
@@ -87,8 +96,8 @@ class GhostModule(nn.Module):
             nn.ReLU() if relu else nn.Sequential(),
         )
         self.cheap_operation = nn.Sequential(
-            nn.Conv2d(init_channels, new_channels, dw_size, 1, padding=dw_size // 2, groups=init_channels,
-                      bias=False),
+            nn.Conv2d(init_channels, new_channels, dw_size, 1, padding=dilation * (dw_size // 2), dilation=dilation,
+                      groups=init_channels, bias=False),
             nn.BatchNorm2d(new_channels),
             nn.ReLU() if relu else nn.Sequential(),
         )
@@ -100,27 +109,32 @@ class GhostModule(nn.Module):
 
 
 class GhostBottleneck(nn.Module):
-    """Ghost module, (strided depthwise conv), (SE), linear ghost module, plus a shortcut."""
+    """Ghost module, (strided depthwise conv), (SE), linear ghost module, plus a shortcut.
+
+    ``dilation``: before and after the block's stride; they differ where the stride became
+    dilation (``stride`` 1), and the block keeps its downsampling layers then."""
 
     def __init__(self, in_chs: int, mid_chs: int, out_chs: int, dw_kernel_size: int = 3, stride: int = 1,
-                 se_ratio: float = 0.0):
+                 se_ratio: float = 0.0, dilation: Tuple[int, int] = (1, 1)):
         super().__init__()
         self.stride = stride
-        self.ghost1 = GhostModule(in_chs, mid_chs, relu=True)
-        if stride > 1:
-            self.conv_dw = nn.Conv2d(mid_chs, mid_chs, dw_kernel_size, stride, padding=(dw_kernel_size - 1) // 2,
-                                     groups=mid_chs, bias=False)
+        self.downsamples = stride > 1 or dilation[0] != dilation[1]
+        dw_padding = dilation[0] * (dw_kernel_size - 1) // 2
+        self.ghost1 = GhostModule(in_chs, mid_chs, relu=True, dilation=dilation[0])
+        if self.downsamples:
+            self.conv_dw = nn.Conv2d(mid_chs, mid_chs, dw_kernel_size, stride, padding=dw_padding,
+                                     dilation=dilation[0], groups=mid_chs, bias=False)
             self.bn_dw = nn.BatchNorm2d(mid_chs)
         self.se: Optional[SqueezeExcite] = None
         if se_ratio is not None and se_ratio > 0.0:
             self.se = SqueezeExcite(mid_chs, rd_ratio=se_ratio, rd_divisor=4, gate_layer=HardSigmoid)
-        self.ghost2 = GhostModule(mid_chs, out_chs, relu=False)
-        if in_chs == out_chs and stride == 1:
+        self.ghost2 = GhostModule(mid_chs, out_chs, relu=False, dilation=dilation[1])
+        if in_chs == out_chs and not self.downsamples:
             self.shortcut = nn.Sequential()
         else:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_chs, in_chs, dw_kernel_size, stride, padding=(dw_kernel_size - 1) // 2, groups=in_chs,
-                          bias=False),
+                nn.Conv2d(in_chs, in_chs, dw_kernel_size, stride, padding=dw_padding, dilation=dilation[0],
+                          groups=in_chs, bias=False),
                 nn.BatchNorm2d(in_chs),
                 nn.Conv2d(in_chs, out_chs, 1, bias=False),
                 nn.BatchNorm2d(out_chs),
@@ -128,7 +142,7 @@ class GhostBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.ghost1(x)
-        if self.stride > 1:
+        if self.downsamples:
             out = self.bn_dw(self.conv_dw(out))
         if self.se is not None:
             out = self.se(out)
@@ -142,19 +156,25 @@ class GhostNet(nn.Module):
         num_classes, in_channels: classifier outputs, input channels.
         width: width multiplier (channels rounded to multiples of 4).
         drop_rate: dropout before the classifier (no ``dropout`` module when 0).
+        output_stride: 32, or 16 / 8 to dilate the blocks past that stride instead of striding.
     """
 
-    def __init__(self, num_classes: int = 1000, width: float = 1.0, in_channels: int = 3, drop_rate: float = 0.2):
+    def __init__(self, num_classes: int = 1000, width: float = 1.0, in_channels: int = 3, drop_rate: float = 0.2,
+                 output_stride: int = 32):
         super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"GhostNet: output_stride must be 8, 16 or 32, got {output_stride!r}")
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         stem_chs = make_divisible(16 * width, 4)
         self.conv_stem = nn.Conv2d(in_channels, stem_chs, 3, 2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_chs)
         self.act1 = nn.ReLU()
-        reduction = total_stride(self.conv_stem)
+        # ``nominal``: the reduction at output_stride 32, which chooses the entries and numbers their stages.
+        nominal = reduction = total_stride(self.conv_stem)
+        dilation = 1
         self.feature_info: List[Dict] = []
-        note_feature(self.feature_info, stem_chs, reduction, "act1")
+        note_feature(self.feature_info, stem_chs, nominal, "act1")
 
         prev_chs = stem_chs
         stages: List[nn.Module] = []
@@ -163,14 +183,22 @@ class GhostNet(nn.Module):
             for k, exp_size, c, se_ratio, s in cfg:
                 out_chs = make_divisible(c * width, 4)
                 mid_chs = make_divisible(exp_size * width, 4)
-                layers.append(GhostBottleneck(prev_chs, mid_chs, out_chs, k, s, se_ratio=se_ratio))
+                stride, block_dilation = s, dilation
+                if reduction * s > output_stride:
+                    stride, dilation = 1, dilation * s
+                layers.append(GhostBottleneck(prev_chs, mid_chs, out_chs, k, stride, se_ratio=se_ratio,
+                                              dilation=(block_dilation, dilation)))
                 prev_chs = out_chs
-                reduction *= s
+                reduction, nominal = reduction * stride, nominal * s
             stages.append(nn.Sequential(*layers))
-            note_feature(self.feature_info, prev_chs, reduction, f"blocks.{len(stages) - 1}")
+            note_feature(self.feature_info, prev_chs, nominal, f"blocks.{len(stages) - 1}")
         out_chs = make_divisible(exp_size * width, 4)
         stages.append(ConvBnAct(prev_chs, out_chs, 1))
-        note_feature(self.feature_info, out_chs, reduction, f"blocks.{len(stages) - 1}")
+        note_feature(self.feature_info, out_chs, nominal, f"blocks.{len(stages) - 1}")
+        for entry in self.feature_info:  # the stage of each entry past the stem, then its real reduction
+            if entry["reduction"] >= 4:
+                entry["stage"] = entry["reduction"].bit_length() - 2
+            entry["reduction"] = min(entry["reduction"], output_stride)
         prev_chs = out_chs
         self.blocks = nn.Sequential(*stages)
 
@@ -203,7 +231,8 @@ def _create_ghostnet(variant: str, pretrained: bool = False, **kwargs) -> GhostN
 
 def _cfg(url: str = "", **kwargs):
     # The head conv comes after the pooling: a feature model drops both it and the classifier.
-    return dict(url=url, num_classes=1000, first_conv="conv_stem", classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="conv_stem", classifier="classifier",
+                output_strides=(8, 16, 32), **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/ghostnet"

@@ -9,6 +9,10 @@ MindCV's ``forward_features``). All convs pad symmetrically.
 
 MindCV has no ``feature_info`` here; ours is the last layer at each reduction:
 ``layers.0``, the last block before each stride-2 block, and ``head_conv``.
+``output_stride=16`` (or 8) turns the strides that would pass it into dilation
+(timm's EfficientNet-builder rule, which timm's MixNet uses: the block that
+loses its stride keeps the dilation before it, the blocks after take the new
+one); the entries stay those of the model at stride 32, with the real reductions.
 """
 from __future__ import annotations
 
@@ -80,7 +84,8 @@ def _split_channels(channels: int, num_groups: int) -> List[int]:
 
 
 def _split_forward(convs: nn.ModuleList, split: Sequence[int], x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([conv(part) for conv, part in zip(convs, torch.split(x, list(split), dim=1))], dim=1)
+    parts = torch.split(x, list(split), dim=1)  # indexed, not iterated: torch.fx traces it
+    return torch.cat([conv(parts[i]) for i, conv in enumerate(convs)], dim=1)
 
 
 class GroupedConv2d(nn.Module):
@@ -107,18 +112,19 @@ class GroupedConv2d(nn.Module):
 
 
 class MDConv(nn.Module):
-    """Mixed depthwise conv: one kernel size per channel group, each padded by ``k // 2``."""
+    """Mixed depthwise conv: one kernel size per channel group, each padded by ``dilation * (k // 2)``."""
 
-    def __init__(self, channels: int, kernel_size: Sequence[int], stride: int):
+    def __init__(self, channels: int, kernel_size: Sequence[int], stride: int, dilation: int = 1):
         super().__init__()
         self.num_groups = len(kernel_size)
         if self.num_groups == 1:
             k = kernel_size[0]
-            self.mixed_depthwise_conv = nn.Conv2d(channels, channels, k, stride, k // 2, groups=channels, bias=False)
+            self.mixed_depthwise_conv = nn.Conv2d(channels, channels, k, stride, dilation * (k // 2), dilation,
+                                                  groups=channels, bias=False)
         else:
             self.split_channels = _split_channels(channels, self.num_groups)
             self.mixed_depthwise_conv = nn.ModuleList(
-                nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False)
+                nn.Conv2d(c, c, k, stride, dilation * (k // 2), dilation, groups=c, bias=False)
                 for c, k in zip(self.split_channels, kernel_size)
             )
 
@@ -134,7 +140,7 @@ class MixNetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int] = (3,),
                  expand_ksize: Sequence[int] = (1,), project_ksize: Sequence[int] = (1,), stride: int = 1,
-                 expand_ratio: int = 1, activation: str = "ReLU", se_ratio: float = 0.0):
+                 expand_ratio: int = 1, activation: str = "ReLU", se_ratio: float = 0.0, dilation: int = 1):
         super().__init__()
         if activation not in ("ReLU", "Swish"):
             raise ValueError(f"MixNetBlock activation must be 'ReLU' or 'Swish', got {activation!r}")
@@ -146,7 +152,8 @@ class MixNetBlock(nn.Module):
         if expand_ratio != 1:
             conv += [GroupedConv2d(in_channels, expand_channels, expand_ksize), nn.BatchNorm2d(expand_channels),
                      self.activation()]
-        conv += [MDConv(expand_channels, kernel_size, stride), nn.BatchNorm2d(expand_channels), self.activation()]
+        conv += [MDConv(expand_channels, kernel_size, stride, dilation), nn.BatchNorm2d(expand_channels),
+                 self.activation()]
         if se_ratio > 0:
             # The squeeze width follows the block's input channels, not the expanded ones.
             conv.append(SqueezeExcite(expand_channels, rd_channels=int(in_channels * se_ratio)))
@@ -168,13 +175,16 @@ class MixNet(nn.Module):
         feature_size: channels of ``head_conv``.
         drop_rate: dropout before the classifier.
         depth_multiplier: extra width multiplier (channels rounded to multiples of 8).
+        output_stride: 32, or 16 / 8 to dilate the blocks past that stride instead of striding.
     """
 
     def __init__(self, arch: str = "small", num_classes: int = 1000, in_channels: int = 3, feature_size: int = 1536,
-                 drop_rate: float = 0.2, depth_multiplier: float = 1.0):
+                 drop_rate: float = 0.2, depth_multiplier: float = 1.0, output_stride: int = 32):
         super().__init__()
         if arch not in _ARCHS:
             raise ValueError(f"Unsupported MixNet arch {arch!r}; valid: {sorted(_ARCHS)}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"MixNet: output_stride must be 8, 16 or 32, got {output_stride!r}")
         setting, stem_channels, multiplier = _ARCHS[arch]
         depth_multiplier *= multiplier
         if depth_multiplier != 1.0:
@@ -187,22 +197,31 @@ class MixNet(nn.Module):
             nn.BatchNorm2d(stem_channels),
             nn.ReLU(),
         )
-        reduction = total_stride(self.stem_conv)
+        # ``nominal``: the reduction at output_stride 32, which chooses the entries and numbers their stages.
+        nominal = reduction = total_stride(self.stem_conv)
+        dilation = 1
         self.feature_info: List[Dict] = []
-        note_feature(self.feature_info, stem_channels, reduction, "stem_conv")
+        note_feature(self.feature_info, stem_channels, nominal, "stem_conv")
         layers: List[nn.Module] = []
         for inc, outc, k, ek, pk, s, er, ac, se in setting:
-            layers.append(MixNetBlock(inc, outc, kernel_size=k, expand_ksize=ek, project_ksize=pk, stride=s,
-                                      expand_ratio=er, activation=ac, se_ratio=se))
-            reduction *= s
-            note_feature(self.feature_info, outc, reduction, f"layers.{len(layers) - 1}")
+            stride, block_dilation = s, dilation
+            if reduction * s > output_stride:
+                stride, dilation = 1, dilation * s
+            layers.append(MixNetBlock(inc, outc, kernel_size=k, expand_ksize=ek, project_ksize=pk, stride=stride,
+                                      expand_ratio=er, activation=ac, se_ratio=se, dilation=block_dilation))
+            reduction, nominal = reduction * stride, nominal * s
+            note_feature(self.feature_info, outc, nominal, f"layers.{len(layers) - 1}")
         self.layers = nn.Sequential(*layers)
         self.head_conv = nn.Sequential(
             nn.Conv2d(setting[-1][1], feature_size, 1, bias=False),
             nn.BatchNorm2d(feature_size),
             nn.ReLU(),
         )
-        note_feature(self.feature_info, feature_size, reduction, "head_conv")
+        note_feature(self.feature_info, feature_size, nominal, "head_conv")
+        for entry in self.feature_info:  # the stage of each entry past the stem, then its real reduction
+            if entry["reduction"] >= 4:
+                entry["stage"] = entry["reduction"].bit_length() - 2
+            entry["reduction"] = min(entry["reduction"], output_stride)
 
         self.num_features = feature_size
         self.pool = GlobalAvgPooling()
@@ -225,7 +244,8 @@ def _create_mixnet(variant: str, pretrained: bool = False, **kwargs) -> MixNet:
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="stem_conv.0", classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="stem_conv.0", classifier="classifier",
+                output_strides=(8, 16, 32), **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/mixnet"

@@ -7,6 +7,10 @@ Stem (conv/bn/ReLU, depthwise conv/bn/ReLU, linear 1x1 conv/bn), one
 BatchNorm uses eps 1e-3 and MindSpore momentum 0.99 (PyTorch 0.01) throughout.
 MindCV has no ``feature_info`` here; ours is the last layer at each reduction,
 which at stride 32 is the head's 1280-channel ReLU (``features`` ends there).
+``output_stride=16`` (or 8) turns the strides that would pass it into dilation
+(timm's EfficientNet-builder rule, which timm's MnasNet uses: the block that
+loses its stride keeps the dilation before it, the blocks after take the new
+one); the entries stay those of the model at stride 32, with the real reductions.
 """
 from __future__ import annotations
 
@@ -44,7 +48,8 @@ class InvertedResidual(nn.Module):
     """1x1 expand, kxk depthwise, linear 1x1 project; residual when the block
     keeps both stride and channels."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, kernel_size: int, expand_ratio: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, kernel_size: int, expand_ratio: int,
+                 dilation: int = 1):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"InvertedResidual stride must be 1 or 2, got {stride}")
@@ -54,8 +59,8 @@ class InvertedResidual(nn.Module):
             nn.Conv2d(in_channels, hidden_dim, 1, bias=False),
             _bn(hidden_dim),
             nn.ReLU(),
-            nn.Conv2d(hidden_dim, hidden_dim, kernel_size, stride, padding=kernel_size // 2, groups=hidden_dim,
-                      bias=False),
+            nn.Conv2d(hidden_dim, hidden_dim, kernel_size, stride, padding=dilation * (kernel_size // 2),
+                      dilation=dilation, groups=hidden_dim, bias=False),
             _bn(hidden_dim),
             nn.ReLU(),
             nn.Conv2d(hidden_dim, out_channels, 1, bias=False),
@@ -75,10 +80,14 @@ class Mnasnet(nn.Module):
         alpha: width multiplier (channels rounded to multiples of 8; the head stays 1280).
         in_channels, num_classes: input channels, classifier outputs.
         drop_rate: dropout before the classifier.
+        output_stride: 32, or 16 / 8 to dilate the blocks past that stride instead of striding.
     """
 
-    def __init__(self, alpha: float, in_channels: int = 3, num_classes: int = 1000, drop_rate: float = 0.2):
+    def __init__(self, alpha: float, in_channels: int = 3, num_classes: int = 1000, drop_rate: float = 0.2,
+                 output_stride: int = 32):
         super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"Mnasnet: output_stride must be 8, 16 or 32, got {output_stride!r}")
         mid_channels = make_divisible(32 * alpha, 8)
         input_channels = make_divisible(16 * alpha, 8)
         features: List[nn.Module] = [
@@ -91,19 +100,29 @@ class Mnasnet(nn.Module):
             nn.Conv2d(mid_channels, input_channels, 1, bias=False),
             _bn(input_channels),
         ]
-        reduction = total_stride(*features)
+        # ``nominal``: the reduction at output_stride 32, which chooses the entries and numbers their stages.
+        nominal = reduction = total_stride(*features)
+        dilation = 1
         self.feature_info: List[Dict] = []
-        note_feature(self.feature_info, input_channels, reduction, f"features.{len(features) - 1}")
+        note_feature(self.feature_info, input_channels, nominal, f"features.{len(features) - 1}")
         for t, c, n, s, k in _SETTING:
             output_channels = make_divisible(c * alpha, 8)
             for i in range(n):
                 stride = s if i == 0 else 1
-                features.append(InvertedResidual(input_channels, output_channels, stride, k, expand_ratio=t))
+                nominal *= stride
+                block_stride, block_dilation = stride, dilation
+                if reduction * stride > output_stride:
+                    block_stride, dilation = 1, dilation * stride
+                features.append(InvertedResidual(input_channels, output_channels, block_stride, k, t, block_dilation))
                 input_channels = output_channels
-                reduction *= stride
-                note_feature(self.feature_info, output_channels, reduction, f"features.{len(features) - 1}")
+                reduction *= block_stride
+                note_feature(self.feature_info, output_channels, nominal, f"features.{len(features) - 1}")
         features += [nn.Conv2d(input_channels, _HEAD_CHANNELS, 1, bias=False), _bn(_HEAD_CHANNELS), nn.ReLU()]
-        note_feature(self.feature_info, _HEAD_CHANNELS, reduction, f"features.{len(features) - 1}")
+        note_feature(self.feature_info, _HEAD_CHANNELS, nominal, f"features.{len(features) - 1}")
+        for entry in self.feature_info:  # the stage of each entry past the stem, then its real reduction
+            if entry["reduction"] >= 4:
+                entry["stage"] = entry["reduction"].bit_length() - 2
+            entry["reduction"] = min(entry["reduction"], output_stride)
         self.features = nn.Sequential(*features)
 
         self.pool = GlobalAvgPooling()
@@ -127,7 +146,8 @@ def _create_mnasnet(variant: str, pretrained: bool = False, **kwargs) -> Mnasnet
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="features.0", classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="features.0", classifier="classifier",
+                output_strides=(8, 16, 32), **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/mnasnet"

@@ -5,7 +5,10 @@
 separable block per row of the setting form one ``features`` sequence; all
 convs pad symmetrically (MindCV's ``pad_mode="pad"``). MindCV has no
 ``feature_info`` here; ours is the last block at each reduction (2 to 32),
-which is also timm's ``mobilenetv1_100`` pyramid.
+which is also timm's ``mobilenetv1_100`` pyramid. ``output_stride=16`` (or 8)
+turns the strides that would pass it into dilation (timm's EfficientNet-builder
+rule: the block that loses its stride keeps the dilation before it, the blocks
+after take the new one); the entries stay those of the model at stride 32.
 """
 from __future__ import annotations
 
@@ -30,10 +33,10 @@ _SETTING = (
 )
 
 
-def depthwise_separable_conv(inp: int, oup: int, stride: int) -> nn.Sequential:
+def depthwise_separable_conv(inp: int, oup: int, stride: int, dilation: int = 1) -> nn.Sequential:
     """3x3 depthwise conv/bn/ReLU, then 1x1 pointwise conv/bn/ReLU."""
     return nn.Sequential(
-        nn.Conv2d(inp, inp, 3, stride, padding=1, groups=inp, bias=False),
+        nn.Conv2d(inp, inp, 3, stride, padding=dilation, dilation=dilation, groups=inp, bias=False),
         nn.BatchNorm2d(inp),
         nn.ReLU(),
         nn.Conv2d(inp, oup, 1, bias=False),
@@ -48,25 +51,37 @@ class MobileNetV1(nn.Module):
     Args:
         alpha: width multiplier (channels are ``int(c * alpha)``, as MindCV).
         in_channels, num_classes: input channels, classifier outputs.
+        output_stride: 32, or 16 / 8 to dilate the blocks past that stride instead of striding.
     """
 
-    def __init__(self, alpha: float = 1.0, in_channels: int = 3, num_classes: int = 1000):
+    def __init__(self, alpha: float = 1.0, in_channels: int = 3, num_classes: int = 1000, output_stride: int = 32):
         super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"MobileNetV1: output_stride must be 8, 16 or 32, got {output_stride!r}")
         input_channels = int(32 * alpha)
         features: List[nn.Module] = [
             nn.Conv2d(in_channels, input_channels, 3, 2, padding=1, bias=False),
             nn.BatchNorm2d(input_channels),
             nn.ReLU(),
         ]
-        reduction = total_stride(*features)
+        # ``nominal``: the reduction at output_stride 32, which chooses the entries and numbers their stages.
+        nominal = reduction = total_stride(*features)
+        dilation = 1
         self.feature_info: List[Dict] = []
-        note_feature(self.feature_info, input_channels, reduction, f"features.{len(features) - 1}")
+        note_feature(self.feature_info, input_channels, nominal, f"features.{len(features) - 1}")
         for c, s in _SETTING:
             output_channels = int(c * alpha)
-            features.append(depthwise_separable_conv(input_channels, output_channels, s))
+            stride, block_dilation = s, dilation
+            if reduction * s > output_stride:
+                stride, dilation = 1, dilation * s
+            features.append(depthwise_separable_conv(input_channels, output_channels, stride, block_dilation))
             input_channels = output_channels
-            reduction *= s
-            note_feature(self.feature_info, output_channels, reduction, f"features.{len(features) - 1}")
+            reduction, nominal = reduction * stride, nominal * s
+            note_feature(self.feature_info, output_channels, nominal, f"features.{len(features) - 1}")
+        for entry in self.feature_info:  # the stage of each entry past the stem, then its real reduction
+            if entry["reduction"] >= 4:
+                entry["stage"] = entry["reduction"].bit_length() - 2
+            entry["reduction"] = min(entry["reduction"], output_stride)
         self.features = nn.Sequential(*features)
 
         self.pool = GlobalAvgPooling()
@@ -90,7 +105,8 @@ def _create_mobilenet_v1(variant: str, pretrained: bool = False, **kwargs) -> Mo
 
 def _cfg(url: str = "", **kwargs):
     # MindCV's published MobileNetV1 weights have 1001 classes (background + ImageNet).
-    return dict(url=url, num_classes=1001, first_conv="features.0", classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1001, first_conv="features.0", classifier="classifier",
+                output_strides=(8, 16, 32), **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/mobilenet/mobilenetv1"

@@ -7,6 +7,11 @@ conv/bn/ReLU6, one ``InvertedResidual`` per block, head conv/bn/ReLU6), so
 needs no forward code. All convs pad symmetrically (MindCV uses ``pad_mode="pad"``
 throughout). The ``_192``/``_160``/... variants differ from the plain ones only
 in the resolution their (unpublished) weights were meant for.
+
+``output_stride=16`` (or 8) turns the strides that would pass it into dilation,
+with timm's EfficientNet-builder rule (which timm's ``mobilenetv2_*`` use): the
+block that loses its stride keeps the dilation before it, the blocks after take
+the new one. ``feature_info`` keeps its entries, with the real reductions.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ class InvertedResidual(nn.Module):
     """1x1 expand (if ``expand_ratio`` > 1), 3x3 depthwise, linear 1x1 project;
     residual when the block keeps both stride and channels."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int, dilation: int = 1):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"InvertedResidual stride must be 1 or 2, got {stride}")
@@ -50,7 +55,8 @@ class InvertedResidual(nn.Module):
         if expand_ratio != 1:
             layers += [nn.Conv2d(in_channels, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim), nn.ReLU6()]
         layers += [
-            nn.Conv2d(hidden_dim, hidden_dim, 3, stride, padding=1, groups=hidden_dim, bias=False),
+            nn.Conv2d(hidden_dim, hidden_dim, 3, stride, padding=dilation, dilation=dilation, groups=hidden_dim,
+                      bias=False),
             nn.BatchNorm2d(hidden_dim),
             nn.ReLU6(),
             nn.Conv2d(hidden_dim, out_channels, 1, bias=False),
@@ -64,6 +70,15 @@ class InvertedResidual(nn.Module):
         return self.layers(x)
 
 
+def _entry(chs: int, reduction: int, nominal: int, name: str) -> dict:
+    """A ``feature_info`` entry; past the stem it names its stage, from its reduction at output_stride 32
+    (``nominal``): 4 -> 1, 8 -> 2, 16 -> 3, 32 -> 4."""
+    entry = dict(chs=chs, reduction=reduction, name=name)
+    if nominal >= 4:
+        entry["stage"] = nominal.bit_length() - 2
+    return entry
+
+
 class MobileNetV2(nn.Module):
     """MobileNetV2 classifier; ``feature_info``: the stem's ReLU6, every
     ``InvertedResidual`` and the last 1x1 conv's ReLU6 (``features.*``).
@@ -72,10 +87,14 @@ class MobileNetV2(nn.Module):
         alpha: width multiplier (the head widens only for ``alpha`` > 1).
         round_nearest: channel counts are multiples of this.
         in_channels, num_classes: input channels, classifier outputs.
+        output_stride: 32, or 16 / 8 to dilate the blocks past that stride instead of striding.
     """
 
-    def __init__(self, alpha: float = 1.0, round_nearest: int = 8, in_channels: int = 3, num_classes: int = 1000):
+    def __init__(self, alpha: float = 1.0, round_nearest: int = 8, in_channels: int = 3, num_classes: int = 1000,
+                 output_stride: int = 32):
         super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"MobileNetV2: output_stride must be 8, 16 or 32, got {output_stride!r}")
         input_channels = make_divisible(32 * alpha, round_nearest)
         last_channels = make_divisible(1280 * max(1.0, alpha), round_nearest)
 
@@ -84,20 +103,24 @@ class MobileNetV2(nn.Module):
             nn.BatchNorm2d(input_channels),
             nn.ReLU6(),
         ]
-        reduction = total_stride(*features)
-        self.feature_info = [dict(chs=input_channels, reduction=reduction, name=f"features.{len(features) - 1}")]
+        nominal = reduction = total_stride(*features)  # nominal: the reduction at output_stride 32
+        dilation = 1
+        self.feature_info = [_entry(input_channels, reduction, nominal, f"features.{len(features) - 1}")]
         for t, c, n, s in _SETTING:
             out_channels = make_divisible(c * alpha, round_nearest)
             for i in range(n):
                 stride = s if i == 0 else 1
-                features.append(InvertedResidual(input_channels, out_channels, stride, expand_ratio=t))
+                nominal *= stride
+                block_stride, block_dilation = stride, dilation
+                if reduction * stride > output_stride:
+                    block_stride, dilation = 1, dilation * stride
+                features.append(InvertedResidual(input_channels, out_channels, block_stride, t, block_dilation))
                 input_channels = out_channels
-                reduction *= stride
-                self.feature_info.append(dict(chs=out_channels, reduction=reduction,
-                                              name=f"features.{len(features) - 1}"))
+                reduction *= block_stride
+                self.feature_info.append(_entry(out_channels, reduction, nominal, f"features.{len(features) - 1}"))
         features += [nn.Conv2d(input_channels, last_channels, 1, bias=False), nn.BatchNorm2d(last_channels),
                      nn.ReLU6()]
-        self.feature_info.append(dict(chs=last_channels, reduction=reduction, name=f"features.{len(features) - 1}"))
+        self.feature_info.append(_entry(last_channels, reduction, nominal, f"features.{len(features) - 1}"))
         self.features = nn.Sequential(*features)
 
         self.pool = GlobalAvgPooling()
@@ -120,7 +143,8 @@ def _create_mobilenet_v2(variant: str, pretrained: bool = False, **kwargs) -> Mo
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="features.0", classifier="classifier.1", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="features.0", classifier="classifier.1",
+                output_strides=(8, 16, 32), **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/mobilenet/mobilenetv2"

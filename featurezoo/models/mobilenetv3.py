@@ -6,6 +6,11 @@ to the last 1x1 conv is one ``features`` sequence (stem conv/bn/act, one
 has one entry per block as in MindCV and feature extraction needs no forward
 code. Depthwise convs use MindSpore's ``same`` padding (bottom/right heavy at
 stride 2); every other conv pads symmetrically.
+
+``output_stride=16`` (or 8) turns the strides that would pass it into dilation,
+with timm's EfficientNet-builder rule (which timm's MobileNetV3 uses): the block
+that loses its stride keeps the dilation before it, the blocks after take the
+new one. ``feature_info`` keeps its entries, with the real reductions.
 """
 from __future__ import annotations
 
@@ -67,7 +72,7 @@ class Bottleneck(nn.Module):
     """
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 activation: str = "relu", use_se: bool = False):
+                 activation: str = "relu", use_se: bool = False, dilation: int = 1):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation={activation!r}; valid: {sorted(_ACTIVATIONS)}")
@@ -79,7 +84,8 @@ class Bottleneck(nn.Module):
         if in_channels != mid_channels:
             layers += [nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels),
                        self.activation(inplace=True)]
-        layers += [Conv2d(mid_channels, mid_channels, kernel_size, stride, pad_mode="same", group=mid_channels),
+        layers += [Conv2d(mid_channels, mid_channels, kernel_size, stride, pad_mode="same", dilation=dilation,
+                          group=mid_channels),
                    nn.BatchNorm2d(mid_channels), self.activation(inplace=True)]
         if use_se:
             layers.append(SqueezeExcite(mid_channels, 1.0 / 4, act_layer=nn.ReLU, gate_layer=nn.Hardsigmoid))
@@ -92,6 +98,15 @@ class Bottleneck(nn.Module):
         return self.layers(x)
 
 
+def _entry(chs: int, reduction: int, nominal: int, name: str) -> dict:
+    """A ``feature_info`` entry; past the stem it names its stage, from its reduction at output_stride 32
+    (``nominal``): 4 -> 1, 8 -> 2, 16 -> 3, 32 -> 4."""
+    entry = dict(chs=chs, reduction=reduction, name=name)
+    if nominal >= 4:
+        entry["stage"] = nominal.bit_length() - 2
+    return entry
+
+
 class MobileNetV3(nn.Module):
     """MobileNetV3 classifier; ``feature_info``: the stem's activation, every
     ``Bottleneck`` and the last 1x1 conv's activation (``features.*``).
@@ -101,13 +116,16 @@ class MobileNetV3(nn.Module):
         alpha: width multiplier.
         round_nearest: channel counts are multiples of this.
         in_channels, num_classes: input channels, classifier outputs.
+        output_stride: 32, or 16 / 8 to dilate the blocks past that stride instead of striding.
     """
 
     def __init__(self, arch: str, alpha: float = 1.0, round_nearest: int = 8, in_channels: int = 3,
-                 num_classes: int = 1000):
+                 num_classes: int = 1000, output_stride: int = 32):
         super().__init__()
         if arch not in _ARCHS:
             raise ValueError(f"arch={arch!r}; valid: {sorted(_ARCHS)}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"MobileNetV3: output_stride must be 8, 16 or 32, got {output_stride!r}")
         setting, last_width = _ARCHS[arch]
         input_channels = make_divisible(16 * alpha, round_nearest)
         last_channels = make_divisible(alpha * last_width, round_nearest)
@@ -117,21 +135,25 @@ class MobileNetV3(nn.Module):
             nn.BatchNorm2d(input_channels),
             nn.Hardswish(inplace=True),
         ]
-        reduction = total_stride(*features)
-        self.feature_info = [dict(chs=input_channels, reduction=reduction, name=f"features.{len(features) - 1}")]
+        nominal = reduction = total_stride(*features)  # nominal: the reduction at output_stride 32
+        dilation = 1
+        self.feature_info = [_entry(input_channels, reduction, nominal, f"features.{len(features) - 1}")]
         for k, e, c, se, nl, s in setting:
             exp_channels = make_divisible(alpha * e, round_nearest)
             out_channels = make_divisible(alpha * c, round_nearest)
-            features.append(Bottleneck(input_channels, exp_channels, out_channels, k, s, nl, se))
+            nominal *= s
+            stride, block_dilation = s, dilation
+            if reduction * s > output_stride:
+                stride, dilation = 1, dilation * s
+            features.append(Bottleneck(input_channels, exp_channels, out_channels, k, stride, nl, se, block_dilation))
             input_channels = out_channels
-            reduction *= s
-            self.feature_info.append(dict(chs=input_channels, reduction=reduction,
-                                          name=f"features.{len(features) - 1}"))
+            reduction *= stride
+            self.feature_info.append(_entry(input_channels, reduction, nominal, f"features.{len(features) - 1}"))
         # MindCV widens the head by 6x the last block (not a scaled 960/576).
         output_channels = input_channels * 6
         features += [nn.Conv2d(input_channels, output_channels, 1, bias=False), nn.BatchNorm2d(output_channels),
                      nn.Hardswish(inplace=True)]
-        self.feature_info.append(dict(chs=output_channels, reduction=reduction, name=f"features.{len(features) - 1}"))
+        self.feature_info.append(_entry(output_channels, reduction, nominal, f"features.{len(features) - 1}"))
         self.features = nn.Sequential(*features)
 
         self.pool = GlobalAvgPooling()
@@ -159,7 +181,8 @@ def _create_mobilenet_v3(variant: str, pretrained: bool = False, **kwargs) -> Mo
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="features.0", classifier="classifier.3", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="features.0", classifier="classifier.3",
+                output_strides=(8, 16, 32), **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/mobilenet/mobilenetv3"

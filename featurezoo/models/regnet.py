@@ -8,7 +8,9 @@ first block. All convs pad explicitly (``k // 2``), so a map has exactly
 ``ceil(size / reduction)`` pixels at any size.
 
 ``feature_info``: the stem (stride 2) and the end of each stage (strides 4, 8,
-16, 32), as timm's RegNet taps. The stages sit in a ``ModuleList`` (MindCV's
+16, 32), as timm's RegNet taps. ``output_stride=16`` (or 8) trades the stride of
+the last stage (or two) for dilation, as timm's RegNet does: the first block's
+3x3 conv keeps the dilation before the stage, every later one takes the new one. The stages sit in a ``ModuleList`` (MindCV's
 ``CellList``), so :meth:`RegNet.forward_levels` is the classifier's own
 forward, stopping after the deepest requested feature.
 
@@ -41,9 +43,11 @@ from ..registry import register_model
 __all__ = ["RegNet", "ResBottleneckBlock", "BottleneckTransform", "generate_regnet"]
 
 
-def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    # MindCV: pad_mode="pad" with (k - 1) // 2, no bias.
-    return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=(kernel_size - 1) // 2, groups=groups, bias=False)
+def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1,
+          dilation: int = 1) -> nn.Conv2d:
+    # MindCV: pad_mode="pad" with (k - 1) // 2, no bias; the padding grows with the dilation.
+    return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=dilation * (kernel_size - 1) // 2,
+                     dilation=dilation, groups=groups, bias=False)
 
 
 def _bn(chs: int) -> nn.BatchNorm2d:
@@ -92,16 +96,17 @@ class SimpleStem(nn.Module):
 
 
 class BottleneckTransform(nn.Module):
-    """1x1, 3x3 group conv (stride here), optional SE, 1x1; BN after each conv."""
+    """1x1, 3x3 group conv (stride or dilation here), optional SE, 1x1; BN after each conv."""
 
-    def __init__(self, w_in: int, w_out: int, stride: int, bot_mul: float, group_w: int, se_r: float):
+    def __init__(self, w_in: int, w_out: int, stride: int, bot_mul: float, group_w: int, se_r: float,
+                 dilation: int = 1):
         super().__init__()
         w_b = int(round(w_out * bot_mul))
         w_se = int(round(w_in * se_r))  # the SE width follows the block's input width, as in MindCV
         self.a = _conv(w_in, w_b, 1)
         self.a_bn = _bn(w_b)
         self.a_af = nn.ReLU()
-        self.b = _conv(w_b, w_b, 3, stride, groups=w_b // group_w)
+        self.b = _conv(w_b, w_b, 3, stride, groups=w_b // group_w, dilation=dilation)
         self.b_bn = _bn(w_b)
         self.b_af = nn.ReLU()
         self.se = SqueezeExcite(w_b, rd_channels=w_se) if w_se else None
@@ -116,16 +121,20 @@ class BottleneckTransform(nn.Module):
 
 
 class ResBottleneckBlock(nn.Module):
-    """``relu(proj(x) + f(x))``; ``proj``/``bn`` (1x1 conv + BN) only where width or stride change."""
+    """``relu(proj(x) + f(x))``; ``proj``/``bn`` (1x1 conv + BN) only where width or stride change
+    (a stride traded for dilation, ``dilation != next_dilation``, counts as a change, as in timm).
 
-    def __init__(self, w_in: int, w_out: int, stride: int, bot_mul: float, group_w: int, se_r: float):
+    ``dilation``: of the 3x3 conv; ``next_dilation``: that of the blocks after this one."""
+
+    def __init__(self, w_in: int, w_out: int, stride: int, bot_mul: float, group_w: int, se_r: float,
+                 dilation: int = 1, next_dilation: Optional[int] = None):
         super().__init__()
         self.proj: Optional[nn.Conv2d] = None
         self.bn: Optional[nn.BatchNorm2d] = None
-        if w_in != w_out or stride != 1:
+        if w_in != w_out or stride != 1 or next_dilation not in (None, dilation):
             self.proj = _conv(w_in, w_out, 1, stride)
             self.bn = _bn(w_out)
-        self.f = BottleneckTransform(w_in, w_out, stride, bot_mul, group_w, se_r)
+        self.f = BottleneckTransform(w_in, w_out, stride, bot_mul, group_w, se_r, dilation)
         self.af = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,14 +143,16 @@ class ResBottleneckBlock(nn.Module):
 
 
 class AnyStage(nn.Module):
-    """Blocks of one width; the first one strides."""
+    """Blocks of one width; the first one strides (or, dilated, keeps ``first_dilation``)."""
 
-    def __init__(self, w_in: int, w_out: int, stride: int, depth: int, bot_mul: float, group_w: int, se_r: float):
+    def __init__(self, w_in: int, w_out: int, stride: int, depth: int, bot_mul: float, group_w: int, se_r: float,
+                 dilation: int = 1, first_dilation: int = 1):
         super().__init__()
         self.blocks = nn.ModuleList()
         for _ in range(depth):
-            self.blocks.append(ResBottleneckBlock(w_in, w_out, stride, bot_mul, group_w, se_r))
-            stride, w_in = 1, w_out
+            self.blocks.append(ResBottleneckBlock(w_in, w_out, stride, bot_mul, group_w, se_r, first_dilation,
+                                                  dilation))
+            stride, w_in, first_dilation = 1, w_out, dilation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -174,22 +185,29 @@ class RegNet(nn.Module):
         stem_w: stem width.
         se_r: squeeze-excitation ratio (0: RegNetX, 0.25: RegNetY).
         num_classes, in_channels: classifier outputs, input channels.
+        output_stride: 32, or 16 / 8 to dilate the stages that would pass that stride
+            instead of striding them (timm's schedule).
     """
 
     def __init__(self, w_a: float, w_0: int, w_m: float, d: int, group_w: int, stride: int = 2,
                  bot_mul: float = 1.0, stem_w: int = 32, se_r: float = 0.0, num_classes: int = 1000,
-                 in_channels: int = 3):
+                 in_channels: int = 3, output_stride: int = 32):
         super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"RegNet: output_stride must be 8, 16 or 32, got {output_stride!r}")
         widths, depths, group_ws = generate_regnet(w_a, w_0, w_m, d, group_w, bot_mul)
         self.stem = SimpleStem(in_channels, stem_w)
         reduction = self.stem.conv.stride[0]
         self.feature_info = [dict(chs=stem_w, reduction=reduction, name="stem")]
         self.stages = nn.ModuleList()
-        prev_w = stem_w
+        prev_w, dilation = stem_w, 1
         for i, (w, depth, g) in enumerate(zip(widths, depths, group_ws)):
-            self.stages.append(AnyStage(prev_w, w, stride, depth, bot_mul, g, se_r))
-            reduction *= stride
-            self.feature_info.append(dict(chs=w, reduction=reduction, name=f"stages.{i}"))
+            stage_stride, first_dilation = stride, dilation
+            if reduction * stride > output_stride:
+                stage_stride, dilation = 1, dilation * stride
+            self.stages.append(AnyStage(prev_w, w, stage_stride, depth, bot_mul, g, se_r, dilation, first_dilation))
+            reduction *= stage_stride
+            self.feature_info.append(dict(chs=w, reduction=reduction, name=f"stages.{i}", stage=i + 1))
             prev_w = w
         self.num_features = prev_w
         self.head = AnyHead(prev_w, num_classes)
@@ -271,7 +289,8 @@ model_cfgs = dict(
 
 def _cfg(url: str = "", **kwargs):
     # MindCV's cfg names no first conv and a "classifier" module that RegNet does not have; these are the real ones.
-    return dict(url=url, num_classes=1000, first_conv="stem.conv", classifier="head.fc", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="stem.conv", classifier="head.fc", output_strides=(8, 16, 32),
+                **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/regnet"

@@ -10,6 +10,11 @@ average pool zero-pad by one and pool ``valid`` (so the average counts the
 padding), the v1b shortcut pool is ``same`` (padded cells not counted).
 
 ``feature_info``: the stem's ``relu`` and ``layer1``..``layer4``.
+
+``output_stride`` 16 or 8 dilates the last stages as timm's Res2Net: a dilated
+stage's first block still pools its last split (stride 1), and v1b's shortcut
+pool becomes a 2x2 stride-1 ``same`` pool (the module tree, and so the
+parameter names, stay the stride-32 model's).
 """
 from __future__ import annotations
 
@@ -27,14 +32,15 @@ from ..layers.padding import AvgPool2d
 from ..layers.pooling import GlobalAvgPooling
 from ..layers.split import Split
 from ..registry import register_model
+from .resnet import stage_dilations
 
 __all__ = ["Res2Net", "Bottle2neck"]
 
 VERSIONS = ("res2net", "res2net_v1b")
 
 
-def _conv3x3(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_chs, out_chs, 3, stride, padding=1, bias=False)
+def _conv3x3(in_chs: int, out_chs: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_chs, out_chs, 3, stride, padding=dilation, dilation=dilation, bias=False)
 
 
 def _conv1x1(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
@@ -54,7 +60,7 @@ class Bottle2neck(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1, base_width: int = 26,
                  scale: int = 4, stype: str = "normal", norm: Optional[Type[nn.Module]] = None,
-                 down_sample: Optional[nn.Module] = None):
+                 down_sample: Optional[nn.Module] = None, dilation: int = 1):
         super().__init__()
         if stype not in ("normal", "stage"):
             raise ValueError(f"Bottle2neck: stype must be 'normal' or 'stage', got {stype!r}")
@@ -66,7 +72,7 @@ class Bottle2neck(nn.Module):
         self.nums = 1 if scale == 1 else scale - 1
         if stype == "stage":
             self.pool = nn.Sequential(nn.ConstantPad2d(1, 0.0), nn.AvgPool2d(kernel_size=3, stride=stride))
-        self.convs = nn.ModuleList(_conv3x3(width, width, stride) for _ in range(self.nums))
+        self.convs = nn.ModuleList(_conv3x3(width, width, stride, dilation) for _ in range(self.nums))
         self.bns = nn.ModuleList(norm(width) for _ in range(self.nums))
         self.conv3 = _conv1x1(width * scale, out_channels * self.expansion)
         self.bn3 = norm(out_channels * self.expansion)
@@ -103,11 +109,12 @@ class Res2Net(nn.Module):
         num_classes, in_channels: classifier outputs, input channels.
         groups, base_width, scale: cardinality, width per split and number of splits.
         norm: normalisation layer class (``nn.BatchNorm2d``).
+        output_stride: 16 or 8 dilates the last stage(s) instead of striding them.
     """
 
     def __init__(self, block: Type[Bottle2neck] = Bottle2neck, layer_nums=(3, 4, 6, 3), version: str = "res2net",
                  num_classes: int = 1000, in_channels: int = 3, groups: int = 1, base_width: int = 26,
-                 scale: int = 4, norm: Optional[Type[nn.Module]] = None):
+                 scale: int = 4, norm: Optional[Type[nn.Module]] = None, output_stride: int = 32):
         super().__init__()
         if version not in VERSIONS:
             raise ValueError(f"Res2Net: version must be one of {list(VERSIONS)}, got {version!r}")
@@ -135,32 +142,39 @@ class Res2Net(nn.Module):
         # The stem output is a ReLU's, so zero padding never wins the max: a "same" pool.
         self.max_pool = nn.Sequential(nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(kernel_size=3, stride=2))
         reduction *= total_stride(self.max_pool)
-        for i, (channels, num_blocks) in enumerate(zip((64, 128, 256, 512), layer_nums)):
-            stride = 1 if i == 0 else 2
+        plan = stage_dilations(output_stride, reduction, len(layer_nums))
+        for i, (channels, num_blocks, (stride, first_dilation, dilation)) in enumerate(
+                zip((64, 128, 256, 512), layer_nums, plan)):
             reduction *= stride
-            self.add_module(f"layer{i + 1}", self._make_layer(block, channels, num_blocks, stride))
-            self.feature_info.append(dict(chs=self.input_channels, reduction=reduction, name=f"layer{i + 1}"))
+            self.add_module(f"layer{i + 1}", self._make_layer(block, channels, num_blocks, stride, dilation,
+                                                              first_dilation))
+            self.feature_info.append(dict(chs=self.input_channels, reduction=reduction, name=f"layer{i + 1}",
+                                          stage=i + 1))
 
         self.pool = GlobalAvgPooling()
         self.num_features = self.input_channels
         self.classifier = nn.Linear(self.num_features, num_classes)
         init_weights(self, conv=fan_out_normal, linear=torch_uniform)
 
-    def _make_layer(self, block: Type[Bottle2neck], channels: int, num_blocks: int, stride: int = 1) -> nn.Sequential:
+    def _make_layer(self, block: Type[Bottle2neck], channels: int, num_blocks: int, stride: int = 1,
+                    dilation: int = 1, first_dilation: int = 1) -> nn.Sequential:
         out_channels = channels * block.expansion
         down_sample = None
         if stride != 1 or self.input_channels != out_channels:
-            if stride == 1 or self.version == "res2net":
+            if (stride == 1 and dilation == 1) or self.version == "res2net":
                 down_sample = nn.Sequential(_conv1x1(self.input_channels, out_channels, stride),
                                             self.norm(out_channels))
             else:
-                down_sample = nn.Sequential(AvgPool2d(kernel_size=stride, stride=stride, pad_mode="same"),
+                # A dilated stage keeps its shortcut pool, 2x2 at stride 1 (timm's downsample_avg), so
+                # the conv and BN keep their names; padded cells are not counted, as at stride 2.
+                kernel = stride if dilation == 1 else 2
+                down_sample = nn.Sequential(AvgPool2d(kernel_size=kernel, stride=stride, pad_mode="same"),
                                             _conv1x1(self.input_channels, out_channels), self.norm(out_channels))
         blocks: List[nn.Module] = [block(self.input_channels, channels, stride, self.groups, self.base_width,
-                                         self.scale, "stage", self.norm, down_sample)]
+                                         self.scale, "stage", self.norm, down_sample, first_dilation)]
         self.input_channels = out_channels
-        blocks += [block(out_channels, channels, 1, self.groups, self.base_width, self.scale, "normal", self.norm)
-                   for _ in range(1, num_blocks)]
+        blocks += [block(out_channels, channels, 1, self.groups, self.base_width, self.scale, "normal", self.norm,
+                         dilation=dilation) for _ in range(1, num_blocks)]
         return nn.Sequential(*blocks)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +193,8 @@ def _create_res2net(variant: str, pretrained: bool = False, **kwargs) -> Res2Net
 
 
 def _cfg(url: str = "", first_conv: str = "conv1", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv=first_conv, classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv=first_conv, classifier="classifier",
+                output_strides=(8, 16, 32), **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"

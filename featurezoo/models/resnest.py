@@ -9,10 +9,13 @@ Padding follows MindCV: the stem max pool and the ``avd`` pool use MindSpore's
 ``same`` mode (extra row at the bottom/right, padded cells not counted), all
 convolutions with a kernel above 1 pad symmetrically (``pad_mode="pad"``).
 
-``dilated=True`` (or ``dilation=4``) keeps layer3/layer4 at stride 8, and
-``dilation=2`` keeps layer4 at stride 16, replacing their strides by dilation
-(MindCV's semantic-segmentation settings); parameters are the same as the
-stride-32 model's, so the classifier's weights load.
+``output_stride=8`` keeps layer3/layer4 at stride 8, and ``output_stride=16``
+keeps layer4 at stride 16, replacing their strides by dilation; these are
+MindCV's semantic-segmentation settings ``dilated=True`` (or ``dilation=4``) and
+``dilation=2``, whose schedule is timm's (a stage's first block keeps the
+previous dilation). As MindCV, a dilated stage's first block still applies its
+``avd`` pool at stride 1 and its shortcut pool becomes 1x1 (timm pools 2x2 there).
+Parameters are the same as the stride-32 model's, so the classifier's weights load.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from ..layers.init import fan_out_normal, init_weights, lecun_uniform
 from ..layers.padding import AvgPool2d, MaxPool2d
 from ..layers.pooling import GlobalAvgPooling
 from ..registry import register_model
+from .resnet import stage_dilations
 
 __all__ = ["ResNeSt", "Bottleneck", "SplitAttn", "RadixSoftmax"]
 
@@ -143,17 +147,20 @@ class Bottleneck(nn.Module):
         return self.relu(out + residual)
 
 
-def _stage_strides_dilations(dilated: bool, dilation: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """Per-stage (strides, dilations) of MindCV's three settings: output stride 32, 16 or 8."""
+def _output_stride(output_stride: int, dilated: bool, dilation: int) -> int:
+    """The output stride that ``output_stride`` and MindCV's ``dilated``/``dilation`` settings ask for."""
     if dilated or dilation == 4:
-        return (1, 2, 1, 1), (1, 1, 2, 4)
-    if dilation == 2:
-        return (1, 2, 2, 1), (1, 1, 1, 2)
-    if dilation == 1:
-        return (1, 2, 2, 2), (1, 1, 1, 1)
-    # MindCV silently builds the stride-32 model for any other value; refuse instead.
-    raise ValueError(f"ResNeSt: dilation={dilation!r} is not supported; valid: 1 (output stride 32), "
-                     f"2 (output stride 16), 4 or dilated=True (output stride 8)")
+        mindcv = 8
+    elif dilation in (1, 2):
+        mindcv = 32 // dilation
+    else:
+        # MindCV silently builds the stride-32 model for any other value; refuse instead.
+        raise ValueError(f"ResNeSt: dilation={dilation!r} is not supported; valid: 1 (output stride 32), "
+                         f"2 (output stride 16), 4 or dilated=True (output stride 8)")
+    if mindcv != 32 and output_stride not in (32, mindcv):
+        raise ValueError(f"ResNeSt: output_stride={output_stride!r} contradicts dilated={dilated!r}, "
+                         f"dilation={dilation!r} (output stride {mindcv}); give one of them")
+    return output_stride if mindcv == 32 else mindcv
 
 
 class ResNeSt(nn.Module):
@@ -166,8 +173,9 @@ class ResNeSt(nn.Module):
         group: cardinality of the 3x3 conv.
         bottleneck_width: width of a cardinal group per 64 planes.
         num_classes, in_channels: classifier outputs, input channels.
-        dilated: output stride 8 (layer3/layer4 dilated by 2 and 4), as ``dilation=4``.
-        dilation: 1, 2 (output stride 16: layer4 dilated by 2) or 4 (as ``dilated``).
+        output_stride: 16 (layer4 dilated by 2) or 8 (layer3/layer4 dilated by 2 and 4).
+        dilated: MindCV's name for ``output_stride=8``, as ``dilation=4``.
+        dilation: MindCV's 1, 2 (``output_stride=16``) or 4 (``output_stride=8``).
         deep_stem, stem_width: three 3x3 stem convs of widths ``stem_width``, ``stem_width``, ``2*stem_width``.
         avg_down: average-pool then 1x1 conv in strided shortcuts.
         avd, avd_first: stride by a 3x3 average pool after (or before) the split-attention conv.
@@ -177,7 +185,7 @@ class ResNeSt(nn.Module):
     Example (reductions stop at 8 when dilated)::
 
         >>> m = ResNeSt(Bottleneck, (1, 1, 1, 1), radix=2, deep_stem=True, stem_width=32, avg_down=True, avd=True,
-        ...             dilated=True)
+        ...             output_stride=8)
         >>> [e["reduction"] for e in m.feature_info]
         [2, 4, 8, 8, 8]
     """
@@ -186,9 +194,9 @@ class ResNeSt(nn.Module):
                  bottleneck_width: int = 64, num_classes: int = 1000, in_channels: int = 3, dilated: bool = False,
                  dilation: int = 1, deep_stem: bool = False, stem_width: int = 64, avg_down: bool = False,
                  avd: bool = False, avd_first: bool = False, drop_rate: float = 0.0,
-                 norm_layer: Type[nn.Module] = nn.BatchNorm2d):
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d, output_stride: int = 32):
         super().__init__()
-        strides, dilations = _stage_strides_dilations(dilated, dilation)
+        output_stride = _output_stride(output_stride, dilated, dilation)
         self.cardinality = group
         self.bottleneck_width = bottleneck_width
         self.inplanes = stem_width * 2 if deep_stem else 64
@@ -216,12 +224,15 @@ class ResNeSt(nn.Module):
         self.maxpool = MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
         reduction *= total_stride(self.maxpool)
 
-        for i, (planes, num_blocks, stride, stage_dilation) in enumerate(
-                zip((64, 128, 256, 512), layers, strides, dilations)):
+        plan = stage_dilations(output_stride, reduction, len(layers))
+        for i, (planes, num_blocks, (stride, first_dilation, stage_dilation)) in enumerate(
+                zip((64, 128, 256, 512), layers, plan)):
             reduction *= stride
-            stage = self._make_layer(block, planes, num_blocks, stride, stage_dilation, norm_layer, is_first=i > 0)
+            stage = self._make_layer(block, planes, num_blocks, stride, stage_dilation, first_dilation, norm_layer,
+                                     is_first=i > 0)
             self.add_module(f"layer{i + 1}", stage)
-            self.feature_info.append(dict(chs=self.inplanes, reduction=reduction, name=f"layer{i + 1}"))
+            self.feature_info.append(dict(chs=self.inplanes, reduction=reduction, name=f"layer{i + 1}",
+                                          stage=i + 1))
 
         self.avgpool = GlobalAvgPooling()
         self.drop = nn.Dropout(p=drop_rate) if drop_rate > 0.0 else None
@@ -230,7 +241,7 @@ class ResNeSt(nn.Module):
         init_weights(self, conv=fan_out_normal, linear=lecun_uniform)
 
     def _make_layer(self, block: Type[Bottleneck], planes: int, num_blocks: int, stride: int, dilation: int,
-                    norm_layer: Type[nn.Module], is_first: bool) -> nn.Sequential:
+                    first_dilation: int, norm_layer: Type[nn.Module], is_first: bool) -> nn.Sequential:
         out_channels = planes * block.expansion
         downsample = None
         if stride != 1 or self.inplanes != out_channels:
@@ -250,8 +261,8 @@ class ResNeSt(nn.Module):
 
         kwargs = dict(radix=self.radix, cardinality=self.cardinality, bottleneck_width=self.bottleneck_width,
                       avd=self.avd, avd_first=self.avd_first, norm_layer=norm_layer)
-        # The first block of a dilated stage keeps half its dilation: it still sees the previous resolution.
-        blocks = [block(self.inplanes, planes, stride, downsample=downsample, dilation=1 if dilation <= 2 else 2,
+        # The first block of a dilated stage keeps the previous dilation: it still sees the previous resolution.
+        blocks = [block(self.inplanes, planes, stride, downsample=downsample, dilation=first_dilation,
                         is_first=is_first, **kwargs)]
         self.inplanes = out_channels
         blocks += [block(out_channels, planes, dilation=dilation, **kwargs) for _ in range(1, num_blocks)]
@@ -276,7 +287,8 @@ def _create_resnest(variant: str, pretrained: bool = False, **kwargs) -> ResNeSt
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="conv1.0", classifier="fc", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="conv1.0", classifier="fc", output_strides=(8, 16, 32),
+                **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"

@@ -6,7 +6,7 @@ pool uses MindSpore's ``same`` padding.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Type, Union
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -17,27 +17,56 @@ from ..layers.helpers import total_stride
 from ..layers.init import fan_out_normal, init_weights, lecun_uniform
 from ..registry import register_model
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck"]
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "stage_dilations"]
 
 
-def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+def stage_dilations(output_stride: int, stem_stride: int, num_stages: int = 4) -> List[Tuple[int, int, int]]:
+    """Each stage's ``(stride, first_dilation, dilation)`` for ``output_stride`` (timm's ``make_blocks``
+    schedule): stage 1 keeps the stem's resolution, each later one halves it until the accumulated
+    stride reaches ``output_stride``; from there a stage keeps stride 1 and multiplies the dilation by
+    the stride it gave up. A stage's first block still sees the previous stage's resolution, so it keeps
+    the previous dilation (``first_dilation``), as torchvision's ``replace_stride_with_dilation``.
+
+    >>> stage_dilations(16, 4)
+    [(1, 1, 1), (2, 1, 1), (2, 1, 1), (1, 1, 2)]
+    >>> stage_dilations(8, 4)
+    [(1, 1, 1), (2, 1, 1), (1, 1, 2), (1, 2, 4)]
+    """
+    if isinstance(output_stride, bool) or output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
+    plan, net_stride, dilation = [], stem_stride, 1
+    for i in range(num_stages):
+        stride, first_dilation = (1 if i == 0 else 2), dilation
+        if net_stride >= output_stride:
+            stride, dilation = 1, dilation * stride
+        else:
+            net_stride *= stride
+        plan.append((stride, first_dilation, dilation))
+    return plan
+
+
+def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1,
+          dilation: int = 1) -> nn.Conv2d:
     # MindCV pads k>1 convs by k//2 and gives none a bias; for its 1x1 "same" convs padding is 0 at any stride.
-    return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=kernel_size // 2, groups=groups, bias=False)
+    # Dilated, the padding grows with the kernel's reach: sizes stay ceil(size / stride).
+    return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=dilation * (kernel_size - 1) // 2,
+                     dilation=dilation, groups=groups, bias=False)
 
 
 class BasicBlock(nn.Module):
     expansion: int = 1
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1, groups: int = 1, base_width: int = 64,
-                 norm: Optional[Type[nn.Module]] = None, down_sample: Optional[nn.Module] = None):
+                 norm: Optional[Type[nn.Module]] = None, down_sample: Optional[nn.Module] = None,
+                 dilation: int = 1, first_dilation: Optional[int] = None):
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError(f"BasicBlock supports only groups=1 and base_width=64, got {groups}, {base_width}")
         norm = norm or nn.BatchNorm2d
-        self.conv1 = _conv(in_channels, channels, 3, stride)
+        self.conv1 = _conv(in_channels, channels, 3, stride, dilation=first_dilation or dilation)
         self.bn1 = norm(channels)
         self.relu = nn.ReLU(inplace=True)  # only ever applied to a fresh BN output or sum
-        self.conv2 = _conv(channels, channels, 3)
+        self.conv2 = _conv(channels, channels, 3, dilation=dilation)
         self.bn2 = norm(channels)
         self.down_sample = down_sample
 
@@ -53,13 +82,14 @@ class Bottleneck(nn.Module):
     expansion: int = 4
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1, groups: int = 1, base_width: int = 64,
-                 norm: Optional[Type[nn.Module]] = None, down_sample: Optional[nn.Module] = None):
+                 norm: Optional[Type[nn.Module]] = None, down_sample: Optional[nn.Module] = None,
+                 dilation: int = 1, first_dilation: Optional[int] = None):
         super().__init__()
         norm = norm or nn.BatchNorm2d
         width = int(channels * (base_width / 64.0)) * groups
         self.conv1 = _conv(in_channels, width, 1)
         self.bn1 = norm(width)
-        self.conv2 = _conv(width, width, 3, stride, groups)
+        self.conv2 = _conv(width, width, 3, stride, groups, dilation=first_dilation or dilation)
         self.bn2 = norm(width)
         self.conv3 = _conv(width, channels * self.expansion, 1)
         self.bn3 = norm(channels * self.expansion)
@@ -83,11 +113,13 @@ class ResNet(nn.Module):
         num_classes, in_channels: classifier outputs, input channels.
         groups, base_width: ResNeXt cardinality and width per group.
         norm: normalisation layer class (``nn.BatchNorm2d``).
+        output_stride: 16 or 8 dilates the last stage(s) instead of striding them
+            (:func:`stage_dilations`); the parameters are the stride-32 model's.
     """
 
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: Sequence[int], num_classes: int = 1000,
                  in_channels: int = 3, groups: int = 1, base_width: int = 64,
-                 norm: Optional[Type[nn.Module]] = None):
+                 norm: Optional[Type[nn.Module]] = None, output_stride: int = 32):
         super().__init__()
         self.norm = norm or nn.BatchNorm2d
         self.input_channels = 64
@@ -101,11 +133,14 @@ class ResNet(nn.Module):
         self.feature_info = [dict(chs=self.input_channels, reduction=reduction, name="relu")]
         self.max_pool = MaxPool2d(kernel_size=3, stride=2, pad_mode="same")
         reduction *= total_stride(self.max_pool)
-        for i, (channels, num_blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-            stride = 1 if i == 0 else 2
+        plan = stage_dilations(output_stride, reduction, len(layers))
+        for i, (channels, num_blocks, (stride, first_dilation, dilation)) in enumerate(
+                zip((64, 128, 256, 512), layers, plan)):
             reduction *= stride
-            self.add_module(f"layer{i + 1}", self._make_layer(block, channels, num_blocks, stride))
-            self.feature_info.append(dict(chs=self.input_channels, reduction=reduction, name=f"layer{i + 1}"))
+            self.add_module(f"layer{i + 1}", self._make_layer(block, channels, num_blocks, stride, dilation,
+                                                              first_dilation))
+            self.feature_info.append(dict(chs=self.input_channels, reduction=reduction, name=f"layer{i + 1}",
+                                          stage=i + 1))
 
         self.pool = GlobalAvgPooling()
         self.num_features = self.input_channels
@@ -113,15 +148,15 @@ class ResNet(nn.Module):
         init_weights(self, conv=fan_out_normal, linear=lecun_uniform)
 
     def _make_layer(self, block: Type[Union[BasicBlock, Bottleneck]], channels: int, num_blocks: int,
-                    stride: int = 1) -> nn.Sequential:
+                    stride: int = 1, dilation: int = 1, first_dilation: int = 1) -> nn.Sequential:
         out_channels = channels * block.expansion
         down_sample = None
         if stride != 1 or self.input_channels != out_channels:
             down_sample = nn.Sequential(_conv(self.input_channels, out_channels, 1, stride), self.norm(out_channels))
         blocks: List[nn.Module] = [block(self.input_channels, channels, stride, self.groups, self.base_with,
-                                         self.norm, down_sample)]
+                                         self.norm, down_sample, dilation=dilation, first_dilation=first_dilation)]
         self.input_channels = out_channels
-        blocks += [block(out_channels, channels, 1, self.groups, self.base_with, self.norm)
+        blocks += [block(out_channels, channels, 1, self.groups, self.base_with, self.norm, dilation=dilation)
                    for _ in range(1, num_blocks)]
         return nn.Sequential(*blocks)
 
@@ -141,7 +176,8 @@ def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="conv1", classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="conv1", classifier="classifier", output_strides=(8, 16, 32),
+                **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"

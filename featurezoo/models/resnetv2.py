@@ -4,7 +4,7 @@
 As in MindCV, the network is its ResNet (post-activation stem, ``same``-padded
 max pool, conv + BN shortcuts) with pre-activation bottlenecks and no final
 norm before the pooled head; ``feature_info`` is therefore ResNet's: the stem's
-``relu`` and ``layer1``..``layer4``.
+``relu`` and ``layer1``..``layer4``, and ``output_stride`` dilates it as ResNet.
 """
 from __future__ import annotations
 
@@ -27,14 +27,17 @@ class PreActBottleneck(nn.Module):
     expansion: int = 4
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1, groups: int = 1, base_width: int = 64,
-                 norm: Optional[Type[nn.Module]] = None, down_sample: Optional[nn.Module] = None):
+                 norm: Optional[Type[nn.Module]] = None, down_sample: Optional[nn.Module] = None,
+                 dilation: int = 1, first_dilation: Optional[int] = None):
         super().__init__()
+        first_dilation = first_dilation or dilation
         norm = norm or nn.BatchNorm2d
         width = int(channels * (base_width / 64.0)) * groups
         self.bn1 = norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
         self.bn2 = norm(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, padding=1, groups=groups, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, padding=first_dilation, dilation=first_dilation,
+                               groups=groups, bias=False)
         self.bn3 = norm(width)
         self.conv3 = nn.Conv2d(width, channels * self.expansion, 1, bias=False)
         self.relu = nn.ReLU()
@@ -55,7 +58,8 @@ def _create_resnetv2(variant: str, pretrained: bool = False, **kwargs) -> ResNet
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="conv1", classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="conv1", classifier="classifier", output_strides=(8, 16, 32),
+                **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"

@@ -7,11 +7,16 @@ width grows linearly with depth; a residual adds the input to the first
 1x1 "penultimate" conv and the global pooling all sit in ``features``
 (MindCV's layout), so the model is sequential and the feature wrapper enters
 ``features`` by its dotted names.
+
+``output_stride=16`` (or 8) follows timm's ReXNet: a block whose stride would
+pass it keeps stride 1 and the dilation before it (and, as in timm, no residual,
+since its input and output grids differ in dilation); the blocks after take the
+new dilation. ``feature_info`` keeps its entries, with the real reductions.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,14 +37,17 @@ class LinearBottleneck(nn.Module):
     """1x1 expand (SiLU) -> 3x3 depthwise -> SE -> ReLU6 -> 1x1 linear projection.
 
     With stride 1 and ``in_channels <= out_channels`` the input is added to the
-    first ``in_channels`` output channels (the extra channels pass unchanged).
+    first ``in_channels`` output channels (the extra channels pass unchanged);
+    ``dilation``: the depthwise conv's, and that of the blocks after this one
+    (different where this block's stride became dilation: no residual then).
     """
 
     def __init__(self, in_channels: int, out_channels: int, exp_ratio: int, stride: int, use_se: bool = True,
                  se_ratio: float = 1 / 12, ch_div: int = 1, act_layer: Callable[[], nn.Module] = nn.SiLU,
-                 dw_act_layer: Callable[[], nn.Module] = nn.ReLU6, drop_path: Optional[nn.Module] = None):
+                 dw_act_layer: Callable[[], nn.Module] = nn.ReLU6, drop_path: Optional[nn.Module] = None,
+                 dilation: Tuple[int, int] = (1, 1)):
         super().__init__()
-        self.use_shortcut = stride == 1 and in_channels <= out_channels
+        self.use_shortcut = stride == 1 and dilation[0] == dilation[1] and in_channels <= out_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
         if exp_ratio != 1:
@@ -48,8 +56,8 @@ class LinearBottleneck(nn.Module):
         else:
             dw_channels = in_channels
             self.conv_exp = None
-        self.conv_dw = Conv2dNormActivation(dw_channels, dw_channels, 3, stride, padding=1, groups=dw_channels,
-                                            activation=None)
+        self.conv_dw = Conv2dNormActivation(dw_channels, dw_channels, 3, stride, padding=dilation[0],
+                                            dilation=dilation[0], groups=dw_channels, activation=None)
         if use_se:
             self.se = SqueezeExcite(dw_channels, rd_channels=make_divisible(int(dw_channels * se_ratio), ch_div),
                                     norm=nn.BatchNorm2d)
@@ -75,6 +83,15 @@ class LinearBottleneck(nn.Module):
         return x
 
 
+def _entry(chs: int, reduction: int, nominal: int, name: str) -> dict:
+    """A ``feature_info`` entry; past the stem it names its stage, from its reduction at output_stride 32
+    (``nominal``): 4 -> 1, 8 -> 2, 16 -> 3, 32 -> 4."""
+    entry = dict(chs=chs, reduction=reduction, name=name)
+    if nominal >= 4:
+        entry["stage"] = nominal.bit_length() - 2
+    return entry
+
+
 class ReXNetV1(nn.Module):
     """ReXNet classifier; ``feature_info``: the last block before each stride-2 block, and the last block.
 
@@ -90,14 +107,17 @@ class ReXNetV1(nn.Module):
         ch_div: channel divisor of the stem and the penultimate conv.
         act_layer, dw_act_layer: activation of the 1x1 convs, and after the depthwise conv.
         cls_useconv: a 1x1 conv classifier instead of a linear one.
+        output_stride: 32, or 16 / 8 to dilate the blocks past that stride instead of striding.
     """
 
     def __init__(self, in_channels: int = 3, fi_channels: int = 180, initial_channels: int = 16,
                  width_mult: float = 1.0, depth_mult: float = 1.0, num_classes: int = 1000, use_se: bool = True,
                  se_ratio: float = 1 / 12, drop_rate: float = 0.2, drop_path_rate: float = 0.0, ch_div: int = 1,
                  act_layer: Callable[[], nn.Module] = nn.SiLU, dw_act_layer: Callable[[], nn.Module] = nn.ReLU6,
-                 cls_useconv: bool = False):
+                 cls_useconv: bool = False, output_stride: int = 32):
         super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"ReXNetV1: output_stride must be 8, 16 or 32, got {output_stride!r}")
         layers = [math.ceil(n * depth_mult) for n in (1, 2, 2, 3, 3, 5)]
         stage_strides = (1, 2, 2, 2, 1, 2)
         stage_se = (False, False, True, True, True, True)
@@ -121,23 +141,28 @@ class ReXNetV1(nn.Module):
         self.stem = Conv2dNormActivation(in_channels, stem_chs, stride=2, padding=1, activation=act_layer)
 
         self.feature_info = []
-        reduction = 2
-        feat_chs = stem_chs
+        nominal = reduction = 2  # nominal: the reduction at output_stride 32, which gives the stage
+        feat_chs, dilation = stem_chs, 1
         features: List[nn.Module] = []
         for idx, (in_c, out_c, exp_ratio, stride, block_se) in enumerate(
                 zip(in_chs_group, out_chs_group, exp_ratios, strides, use_ses)):
+            next_dilation = dilation
             if stride > 1:
                 # The map just before a downsampling block (MindCV's choice of feature levels).
                 name = "stem" if idx == 0 else f"features.{idx - 1}"
-                self.feature_info.append(dict(chs=feat_chs, reduction=reduction, name=name))
+                self.feature_info.append(_entry(feat_chs, reduction, nominal, name))
+                nominal *= stride
+                if reduction * stride > output_stride:
+                    stride, next_dilation = 1, dilation * stride
             block_dpr = drop_path_rate * idx / (num_blocks - 1)
             # ch_div is not passed on (as in MindCV): SE widths are never rounded.
             features.append(LinearBottleneck(in_c, out_c, exp_ratio, stride, use_se=block_se, se_ratio=se_ratio,
                                              act_layer=act_layer, dw_act_layer=dw_act_layer,
-                                             drop_path=DropPath(block_dpr) if block_dpr > 0.0 else None))
+                                             drop_path=DropPath(block_dpr) if block_dpr > 0.0 else None,
+                                             dilation=(dilation, next_dilation)))
             reduction *= stride
-            feat_chs = out_c
-        self.feature_info.append(dict(chs=feat_chs, reduction=reduction, name=f"features.{len(features) - 1}"))
+            feat_chs, dilation = out_c, next_dilation
+        self.feature_info.append(_entry(feat_chs, reduction, nominal, f"features.{len(features) - 1}"))
 
         pen_channels = make_divisible(int(1280 * width_mult), divisor=ch_div)
         features.append(Conv2dNormActivation(feat_chs, pen_channels, kernel_size=1, activation=act_layer))
@@ -174,7 +199,7 @@ def _cfg(url: str = "", **kwargs):
     # MindCV leaves first_conv and classifier empty; ours name the modules so the head is dropped
     # from feature models and in_channels adaptation finds the stem conv.
     return dict(url=url, num_classes=1000, input_size=(3, 224, 224), first_conv="stem.features.0",
-                classifier="cls", **kwargs)
+                classifier="cls", output_strides=(8, 16, 32), **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv/rexnet"

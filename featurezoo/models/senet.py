@@ -7,6 +7,8 @@ residual branch before the sum. All convolutions pad symmetrically; the stem's
 max pool uses MindSpore's ``same`` padding.
 
 ``feature_info``: ``layer0`` (the stem, stride 2) and ``layer1``..``layer4``.
+``output_stride`` 16 or 8 dilates the last stages as ResNet's (timm's schedule);
+SENet-154's 3x3 shortcut conv then keeps its kernel, dilated as the block's first conv.
 """
 from __future__ import annotations
 
@@ -23,15 +25,17 @@ from ..layers.padding import MaxPool2d
 from ..layers.pooling import GlobalAvgPooling
 from ..layers.squeeze_excite import SqueezeExciteV2
 from ..registry import register_model
+from .resnet import stage_dilations
 
 __all__ = ["SENet", "SqueezeExciteV2", "SEBottleneck", "SEResNetBottleneck", "SEResNeXtBottleneck",
            "SEResNetBlock"]
 
 
 def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1,
-          padding: Optional[int] = None) -> nn.Conv2d:
-    padding = kernel_size // 2 if padding is None else padding
-    return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=padding, groups=groups, bias=False)
+          padding: Optional[int] = None, dilation: int = 1) -> nn.Conv2d:
+    padding = dilation * (kernel_size - 1) // 2 if padding is None else padding
+    return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=padding, dilation=dilation, groups=groups,
+                     bias=False)
 
 
 class _SEBottleneckBase(nn.Module):
@@ -40,10 +44,10 @@ class _SEBottleneckBase(nn.Module):
     expansion: int = 4
 
     def _build(self, in_channels: int, mid1: int, mid2: int, out_channels: int, group: int, reduction: int,
-               stride: int, downsample: Optional[nn.Module]) -> None:
+               stride: int, downsample: Optional[nn.Module], dilation: int = 1) -> None:
         self.conv1 = _conv(in_channels, mid1, 1)
         self.bn1 = nn.BatchNorm2d(mid1)
-        self.conv2 = _conv(mid1, mid2, 3, stride, group)
+        self.conv2 = _conv(mid1, mid2, 3, stride, group, dilation=dilation)
         self.bn2 = nn.BatchNorm2d(mid2)
         self.conv3 = _conv(mid2, out_channels, 1)
         self.bn3 = nn.BatchNorm2d(out_channels)
@@ -64,28 +68,32 @@ class SEBottleneck(_SEBottleneckBase):
     """SENet-154's bottleneck: widths ``2c -> 4c -> 4c``."""
 
     def __init__(self, in_channels: int, channels: int, group: int, reduction: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None):
+                 downsample: Optional[nn.Module] = None, dilation: int = 1, first_dilation: Optional[int] = None):
         super().__init__()
-        self._build(in_channels, channels * 2, channels * 4, channels * 4, group, reduction, stride, downsample)
+        self._build(in_channels, channels * 2, channels * 4, channels * 4, group, reduction, stride, downsample,
+                    first_dilation or dilation)
 
 
 class SEResNetBottleneck(_SEBottleneckBase):
     """ResNet bottleneck (stride in the 3x3 conv) with squeeze-excite."""
 
     def __init__(self, in_channels: int, channels: int, group: int, reduction: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None):
+                 downsample: Optional[nn.Module] = None, dilation: int = 1, first_dilation: Optional[int] = None):
         super().__init__()
-        self._build(in_channels, channels, channels, channels * 4, group, reduction, stride, downsample)
+        self._build(in_channels, channels, channels, channels * 4, group, reduction, stride, downsample,
+                    first_dilation or dilation)
 
 
 class SEResNeXtBottleneck(_SEBottleneckBase):
     """ResNeXt bottleneck (``group`` x ``base_width`` per 64 channels) with squeeze-excite."""
 
     def __init__(self, in_channels: int, channels: int, group: int, reduction: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None, base_width: int = 4):
+                 downsample: Optional[nn.Module] = None, base_width: int = 4, dilation: int = 1,
+                 first_dilation: Optional[int] = None):
         super().__init__()
         width = math.floor(channels * (base_width / 64)) * group
-        self._build(in_channels, width, width, channels * 4, group, reduction, stride, downsample)
+        self._build(in_channels, width, width, channels * 4, group, reduction, stride, downsample,
+                    first_dilation or dilation)
 
 
 class SEResNetBlock(nn.Module):
@@ -94,11 +102,11 @@ class SEResNetBlock(nn.Module):
     expansion: int = 1
 
     def __init__(self, in_channels: int, channels: int, group: int, reduction: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None):
+                 downsample: Optional[nn.Module] = None, dilation: int = 1, first_dilation: Optional[int] = None):
         super().__init__()
-        self.conv1 = _conv(in_channels, channels, 3, stride)
+        self.conv1 = _conv(in_channels, channels, 3, stride, dilation=first_dilation or dilation)
         self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = _conv(channels, channels, 3, groups=group)
+        self.conv2 = _conv(channels, channels, 3, groups=group, dilation=dilation)
         self.bn2 = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU()
         self.se_module = SqueezeExciteV2(channels, rd_ratio=1.0 / reduction)
@@ -129,11 +137,12 @@ class SENet(nn.Module):
         input3x3: a stem of three 3x3 convs instead of one 7x7.
         downsample_kernel_size, downsample_padding: the shortcut conv of ``layer2``..``layer4``.
         num_classes: classifier outputs.
+        output_stride: 16 or 8 dilates the last stage(s) instead of striding them.
     """
 
     def __init__(self, block: _Block, layers: Sequence[int], group: int, reduction: int, drop_rate: float = 0.0,
                  in_channels: int = 3, inplanes: int = 64, input3x3: bool = False, downsample_kernel_size: int = 1,
-                 downsample_padding: int = 0, num_classes: int = 1000):
+                 downsample_padding: int = 0, num_classes: int = 1000, output_stride: int = 32):
         super().__init__()
         self.inplanes = inplanes
         self.num_classes = num_classes
@@ -150,14 +159,16 @@ class SENet(nn.Module):
         self.feature_info = [dict(chs=inplanes, reduction=reduction_hw, name="layer0")]
         self.pool0 = MaxPool2d(3, stride=2, pad_mode="same")
         reduction_hw *= total_stride(self.pool0)
-        for i, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-            stride = 1 if i == 0 else 2
+        plan = stage_dilations(output_stride, reduction_hw, len(layers))
+        for i, (planes, num_blocks, (stride, first_dilation, dilation)) in enumerate(
+                zip((64, 128, 256, 512), layers, plan)):
             reduction_hw *= stride
             # layer1's shortcut is always a 1x1 conv, as in MindCV.
             kernel, padding = (1, 0) if i == 0 else (downsample_kernel_size, downsample_padding)
             self.add_module(f"layer{i + 1}", self._make_layer(block, planes, num_blocks, group, reduction, stride,
-                                                              kernel, padding))
-            self.feature_info.append(dict(chs=self.inplanes, reduction=reduction_hw, name=f"layer{i + 1}"))
+                                                              kernel, padding, dilation, first_dilation))
+            self.feature_info.append(dict(chs=self.inplanes, reduction=reduction_hw, name=f"layer{i + 1}",
+                                          stage=i + 1))
 
         self.num_features = self.inplanes
         self.pool = GlobalAvgPooling()
@@ -167,15 +178,22 @@ class SENet(nn.Module):
         init_weights(self, conv=fan_out_normal, linear=lecun_uniform)
 
     def _make_layer(self, block: _Block, planes: int, blocks: int, group: int, reduction: int, stride: int = 1,
-                    downsample_kernel_size: int = 1, downsample_padding: int = 0) -> nn.Sequential:
+                    downsample_kernel_size: int = 1, downsample_padding: int = 0, dilation: int = 1,
+                    first_dilation: int = 1) -> nn.Sequential:
         out_channels = planes * block.expansion
         downsample = None
         if stride != 1 or self.inplanes != out_channels:
-            downsample = nn.Sequential(_conv(self.inplanes, out_channels, downsample_kernel_size, stride,
-                                             padding=downsample_padding), nn.BatchNorm2d(out_channels))
-        layers: List[nn.Module] = [block(self.inplanes, planes, group, reduction, stride, downsample)]
+            # A k>1 shortcut conv (SENet-154's 3x3) sees what the block's first conv sees: dilated alike (timm's
+            # downsample_conv), its padding grown by the dilation's extra reach.
+            k = downsample_kernel_size
+            dil = first_dilation if k > 1 else 1
+            downsample = nn.Sequential(
+                _conv(self.inplanes, out_channels, k, stride, padding=downsample_padding + (dil - 1) * (k - 1) // 2,
+                      dilation=dil), nn.BatchNorm2d(out_channels))
+        layers: List[nn.Module] = [block(self.inplanes, planes, group, reduction, stride, downsample,
+                                         dilation=dilation, first_dilation=first_dilation)]
         self.inplanes = out_channels
-        layers += [block(self.inplanes, planes, group, reduction) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, group, reduction, dilation=dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +215,8 @@ def _create_senet(variant: str, pretrained: bool = False, **kwargs) -> SENet:
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="layer0.0", classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="layer0.0", classifier="classifier",
+                output_strides=(8, 16, 32), **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"

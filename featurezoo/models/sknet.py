@@ -107,9 +107,9 @@ class SelectiveKernel(nn.Module):
         return (x * self.attn(x)).sum(1)
 
 
-def _conv_bn(in_chs: int, out_chs: int, kernel_size: int, norm: type) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=False),
-                         norm(out_chs))
+def _conv_bn(in_chs: int, out_chs: int, kernel_size: int, norm: type, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_chs, out_chs, kernel_size, padding=dilation * (kernel_size - 1) // 2,
+                                   dilation=dilation, bias=False), norm(out_chs))
 
 
 class SelectiveKernelBasic(nn.Module):
@@ -119,14 +119,15 @@ class SelectiveKernelBasic(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
                  down_sample: Optional[nn.Module] = None, base_width: int = 64, norm: Optional[type] = None,
-                 sk_kwargs: Optional[Dict[str, Any]] = None):
+                 sk_kwargs: Optional[Dict[str, Any]] = None, dilation: int = 1, first_dilation: Optional[int] = None):
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError(f"SelectiveKernelBasic supports only groups=1 and base_width=64, got {groups}, "
                              f"{base_width}")
         norm = norm or nn.BatchNorm2d
-        self.conv1 = SelectiveKernel(in_channels, out_channels, stride=stride, **(sk_kwargs or {}))
-        self.conv2 = _conv_bn(out_channels, out_channels * self.expansion, 3, norm)
+        self.conv1 = SelectiveKernel(in_channels, out_channels, stride=stride, dilation=first_dilation or dilation,
+                                     **(sk_kwargs or {}))
+        self.conv2 = _conv_bn(out_channels, out_channels * self.expansion, 3, norm, dilation)
         self.relu = nn.ReLU()
         self.down_sample = down_sample
 
@@ -142,12 +143,13 @@ class SelectiveKernelBottleneck(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, down_sample: Optional[nn.Module] = None,
                  groups: int = 1, base_width: int = 64, norm: Optional[type] = None,
-                 sk_kwargs: Optional[Dict[str, Any]] = None):
+                 sk_kwargs: Optional[Dict[str, Any]] = None, dilation: int = 1, first_dilation: Optional[int] = None):
         super().__init__()
         norm = norm or nn.BatchNorm2d
         width = int(out_channels * (base_width / 64.0)) * groups
         self.conv1 = _conv_bn(in_channels, width, 1, norm)
-        self.conv2 = SelectiveKernel(width, width, stride=stride, groups=groups, **(sk_kwargs or {}))
+        self.conv2 = SelectiveKernel(width, width, stride=stride, dilation=first_dilation or dilation, groups=groups,
+                                     **(sk_kwargs or {}))
         self.conv3 = _conv_bn(width, out_channels * self.expansion, 1, norm)
         self.relu = nn.ReLU()
         self.down_sample = down_sample
@@ -161,16 +163,19 @@ _Block = Type[Union[SelectiveKernelBasic, SelectiveKernelBottleneck]]
 
 
 class SKNet(ResNet):
-    """ResNet with selective-kernel blocks; ``sk_kwargs`` go to every :class:`SelectiveKernel`."""
+    """ResNet with selective-kernel blocks; ``sk_kwargs`` go to every :class:`SelectiveKernel`
+    (``output_stride``: as :class:`~featurezoo.models.resnet.ResNet`; a dilated selective-kernel conv
+    scales both paths' dilations)."""
 
     def __init__(self, block: _Block, layers: Sequence[int], num_classes: int = 1000, in_channels: int = 3,
                  groups: int = 1, base_width: int = 64, norm: Optional[type] = None,
-                 sk_kwargs: Optional[Dict[str, Any]] = None):
+                 sk_kwargs: Optional[Dict[str, Any]] = None, output_stride: int = 32):
         # ResNet.__init__ builds the stages through our _make_layer, which reads this.
         self.sk_kwargs = dict(sk_kwargs or {})
-        super().__init__(block, layers, num_classes, in_channels, groups, base_width, norm)
+        super().__init__(block, layers, num_classes, in_channels, groups, base_width, norm, output_stride)
 
-    def _make_layer(self, block: _Block, channels: int, num_blocks: int, stride: int = 1) -> nn.Sequential:
+    def _make_layer(self, block: _Block, channels: int, num_blocks: int, stride: int = 1, dilation: int = 1,
+                    first_dilation: int = 1) -> nn.Sequential:
         out_channels = channels * block.expansion
         down_sample = None
         if stride != 1 or self.input_channels != out_channels:
@@ -178,9 +183,9 @@ class SKNet(ResNet):
                                         self.norm(out_channels))
         common = dict(groups=self.groups, base_width=self.base_with, norm=self.norm, sk_kwargs=self.sk_kwargs)
         blocks: List[nn.Module] = [block(self.input_channels, channels, stride=stride, down_sample=down_sample,
-                                         **common)]
+                                         dilation=dilation, first_dilation=first_dilation, **common)]
         self.input_channels = out_channels
-        blocks += [block(out_channels, channels, **common) for _ in range(1, num_blocks)]
+        blocks += [block(out_channels, channels, dilation=dilation, **common) for _ in range(1, num_blocks)]
         return nn.Sequential(*blocks)
 
 
@@ -189,7 +194,8 @@ def _create_sknet(variant: str, pretrained: bool = False, **kwargs) -> SKNet:
 
 
 def _cfg(url: str = "", **kwargs):
-    return dict(url=url, num_classes=1000, first_conv="conv1", classifier="classifier", **kwargs)
+    return dict(url=url, num_classes=1000, first_conv="conv1", classifier="classifier", output_strides=(8, 16, 32),
+                **kwargs)
 
 
 _MS = "https://download.mindspore.cn/toolkits/mindcv"
