@@ -13,7 +13,6 @@ tokens) and :class:`Mlp` (fc1, tanh GELU, fc2).
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..features import take_levels
+from .constants import cacheable, tensor_cache
 
 __all__ = ["SwinStages", "window_partition", "window_reverse", "relative_position_index", "shift_window_mask",
            "pad_to_multiple", "padded_size", "project_qkv", "window_attention", "ShiftMaskCache", "PatchEmbed",
@@ -66,7 +66,7 @@ def relative_position_index(window: int, device: Optional[torch.device] = None) 
     return _relative_position_index(window).to(device or torch.get_default_device(), copy=True)
 
 
-@lru_cache(maxsize=None)
+@tensor_cache()
 def _relative_position_index(window: int) -> torch.Tensor:
     coords = torch.arange(window, device="cpu")
     rows = coords.repeat_interleave(window)
@@ -93,7 +93,7 @@ def shift_window_mask(h: int, w: int, window: int, shift: int,
     return _shift_window_mask(h, w, window, shift).to(device or torch.get_default_device(), copy=True)
 
 
-@lru_cache(maxsize=4)
+@tensor_cache(maxsize=4)
 def _shift_window_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
     # Built on the CPU (constants; many tiny ops) and copied to the device asked for.
     labels = _region(h, window, shift)[:, None] * 3 + _region(w, window, shift)[None, :]
@@ -153,7 +153,9 @@ class ShiftMaskCache:
         if mask is None:
             while len(self._masks) >= self.max_sizes:
                 del self._masks[next(iter(self._masks))]
-            mask = self._masks[key] = shift_window_mask(h, w, self.window, self.shift, device=device)
+            mask = shift_window_mask(h, w, self.window, self.shift, device=device)
+            if cacheable(mask):  # never a fake tensor from torch.export / torch.compile
+                self._masks[key] = mask
         return mask
 
 

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..features import take_levels
+from ..layers.constants import cacheable
 from ..layers.drop_path import DropPath
 from ..layers.init import init_weights, trunc_normal
 from ..layers.plain_pyramid import level_blocks, plain_feature_info, plain_levels
@@ -233,8 +234,11 @@ class ConViT(nn.Module):
             return self.rel_indices
         key = (hw, self.rel_indices.device, self.rel_indices.dtype)
         if key not in self._rel_cache:
+            built = rel_indices(hw, self.rel_indices.device, self.rel_indices.dtype)
+            if not cacheable(built):  # a fake tensor from torch.export / torch.compile: never kept
+                return built
             self._rel_cache.clear()
-            self._rel_cache[key] = rel_indices(hw, self.rel_indices.device, self.rel_indices.dtype)
+            self._rel_cache[key] = built
         return self._rel_cache[key]
 
     def _run(self, x: torch.Tensor, keep: Sequence[int] = (), last: Optional[int] = None

@@ -39,7 +39,7 @@ checkpoints name stage 0 ``0.blocks.{j}`` / ``0.downsample`` and stage i > 0
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..layers.constants import tensor_cache
 from ..layers.drop_path import DropPath
 from ..layers.init import init_weights, trunc_normal
 from ..layers.windows import (SwinStages, Mlp, PatchEmbed, ShiftMaskCache, pad_to_multiple, padded_size,
@@ -57,7 +58,7 @@ from ..registry import register_model
 __all__ = ["SwinTransformer", "SwinTransformerBlock", "WindowAttention", "PatchMerging"]
 
 
-@lru_cache(maxsize=None)
+@tensor_cache()
 def _one_hot_index(window: int) -> torch.Tensor:
     # Constants are built once on the CPU and copied to the model's device.
     return F.one_hot(relative_position_index(window, device="cpu").flatten(), (2 * window - 1) ** 2).float()

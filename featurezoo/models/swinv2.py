@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..layers.constants import tensor_cache
 from ..layers.drop_path import DropPath
 from ..layers.init import he_uniform, init_weights, trunc_normal
 from ..layers.windows import (SwinStages, Mlp, PatchEmbed, ShiftMaskCache, pad_to_multiple, padded_size,
@@ -54,7 +55,7 @@ def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / torch.sqrt(x.pow(2).sum(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
-@lru_cache(maxsize=None)
+@tensor_cache()
 def _cpb_tables(window: int, pretrained_window: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The log-spaced relative coordinates (1, 2w-1, 2w-1, 2) and the int32 relative position index,
     computed as MindCV does (float64, then float32), once, on the CPU."""
