@@ -368,6 +368,8 @@ def patch_pvt(meta):
     meta["resize_bilinear_shim_check"] = check_resize_bilinear_shim()
     if not hasattr(mindspore.ops, "ResizeBilinear"):
         mindspore.ops.ResizeBilinear = ResizeBilinearShim
+    # Recorded for every pvt job, also the later ones of a process that installed the shim earlier.
+    if mindspore.ops.ResizeBilinear is ResizeBilinearShim:
         meta["reference_patch"] = "ops.ResizeBilinear = ResizeBilinearShim (over ops.ResizeBilinearV2)"
 
 
