@@ -38,9 +38,10 @@ TIMM_TWINS: Dict[str, Tuple[str, Sequence[int]]] = {
     "poolformer_s12": ("poolformer_s12", (0, 1, 2, 3)),
     "swin_tiny": ("swin_tiny_patch4_window7_224", (0, 1, 2, 3)),  # timm outputs NHWC, we NCHW
     "vit_b_16_224": ("vit_base_patch16_224", (2, 5, 8, 11)),  # 4 evenly spaced blocks
+    "vit_l_16_224": ("vit_large_patch16_224", (5, 11, 17, 23)),
 }
 # Plain models list every block at one reduction: their levels are matched by name (blocks.i), not reduction.
-PLAIN = {"vit_b_16_224"}
+PLAIN = {"vit_b_16_224", "vit_l_16_224"}
 
 
 def build_pair(name: str, device: str, dtype: torch.dtype):
