@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..features import take_levels
 from .constants import cacheable, tensor_cache
+from .mlp import Mlp
 
 __all__ = ["SwinStages", "window_partition", "window_reverse", "relative_position_index", "shift_window_mask",
            "pad_to_multiple", "padded_size", "project_qkv", "window_attention", "ShiftMaskCache", "PatchEmbed",
@@ -182,20 +183,6 @@ class PatchEmbed(nn.Module):
             x = F.pad(x, (0, -w % p, 0, -h % p))
         x = self.proj(x).permute(0, 2, 3, 1)
         return x if self.norm is None else self.norm(x)
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU (tanh approximation, MindSpore's default) -> fc2."""
-
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class SwinStages(nn.Module):

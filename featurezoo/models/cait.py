@@ -124,7 +124,7 @@ class LayerScaleBlockSA(nn.Module):
         self.attn = TalkingHeadAttention(dim, num_heads, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=_LN_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), "tanh", drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values)))
         self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values)))
 
@@ -143,7 +143,7 @@ class LayerScaleBlockCA(nn.Module):
         self.attn = ClassAttention(dim, num_heads)
         self.drop_path = nn.Identity()  # MindCV builds the class-attention blocks without drop-path
         self.norm2 = nn.LayerNorm(dim, eps=_LN_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), "tanh")
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values)))
         self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values)))
 

@@ -58,6 +58,7 @@ from ..features import take_levels
 from ..layers.drop_path import DropPath
 from ..layers.init import init_weights, trunc_normal
 from ..layers.tokens import tokens_to_nchw
+from ..layers.mlp import Mlp
 from ..registry import register_model
 
 __all__ = ["CoaT", "SerialBlock", "ParallelBlock", "FactorAttConvRelPosEnc", "ConvRelPosEnc", "ConvPosEnc"]
@@ -73,20 +74,6 @@ def _ln(dim: int) -> nn.LayerNorm:
 
 def _drop_path(rate: float) -> nn.Module:
     return DropPath(rate) if rate > 0 else nn.Identity()
-
-
-class Mlp(nn.Module):
-    """fc1, exact GELU, fc2 (dropout after each of the last two)."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class PatchEmbed(nn.Module):
@@ -175,7 +162,7 @@ class SerialBlock(nn.Module):
         self.factoratt_crpe = FactorAttConvRelPosEnc(dim, num_heads, qkv_bias, drop)
         self.drop_path = _drop_path(drop_path)
         self.norm2 = _ln(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, gelu_approximate="none")
 
     def forward(self, x: torch.Tensor, hw: HW, cpe: ConvPosEnc, crpe: ConvRelPosEnc) -> torch.Tensor:
         x = x + self.drop_path(self.factoratt_crpe(self.norm1(cpe(x, hw)), hw, crpe))
@@ -211,7 +198,7 @@ class ParallelBlock(nn.Module):
         self.drop_path = _drop_path(drop_path)
         for i in (2, 3, 4):
             self.add_module(f"norm2{i}", _ln(dims[i - 1]))
-        self.mlp2 = Mlp(dims[1], int(dims[1] * mlp_ratios[1]), drop)
+        self.mlp2 = Mlp(dims[1], int(dims[1] * mlp_ratios[1]), drop, gelu_approximate="none")
 
     def forward(self, xs: Tuple[torch.Tensor, ...], sizes: Sequence[HW], cpes: Sequence[ConvPosEnc],
                 crpes: Sequence[ConvRelPosEnc]) -> Tuple[torch.Tensor, ...]:

@@ -152,7 +152,7 @@ class Block(nn.Module):
         self.attn = (GPSA if use_gpsa else MHSA)(dim, num_heads, qkv_bias, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu_approximate, drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, gelu_approximate)
 
     def forward(self, x: torch.Tensor, rel: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), rel))

@@ -61,6 +61,7 @@ from ..features import take_levels
 from ..layers.drop_path import DropPath
 from ..layers.init import he_uniform, init_weights, trunc_normal
 from ..layers.tokens import nchw_to_tokens, tokens_to_nchw
+from ..layers.mlp import Mlp
 from ..registry import register_model
 
 __all__ = ["CrossViT", "MultiScaleBlock", "CrossAttentionBlock", "CrossAttention", "Block", "Attention", "Mlp",
@@ -98,18 +99,6 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
-
-
-class Mlp(nn.Module):
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Block(nn.Module):

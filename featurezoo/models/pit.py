@@ -44,6 +44,7 @@ from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..features import take_levels
 from ..layers.drop_path import DropPath
 from ..layers.tokens import nchw_to_tokens, resample_pos_embed, tokens_to_nchw
+from ..layers.mlp import Mlp
 from ..registry import register_model
 
 __all__ = ["PoolingTransformer", "Transformer", "Block", "Attention", "Mlp", "ConvHeadPooling", "ConvEmbedding"]
@@ -97,18 +98,6 @@ class Attention(nn.Module):
         # The default scale is MindCV's head_dim ** -0.5, applied to q before q @ k^T.
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
-
-
-class Mlp(nn.Module):
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate="tanh")  # MindSpore's default GELU
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Block(nn.Module):

@@ -44,23 +44,10 @@ from ..layers.init import fan_out_normal, init_weights, trunc_normal
 from ..layers.padding import Conv2d
 from ..layers.sr_attention import SpatialReductionAttention
 from ..layers.tokens import resample_pos_embed, tokens_to_nchw
+from ..layers.mlp import Mlp
 from ..registry import register_model
 
 __all__ = ["PyramidVisionTransformer", "PatchEmbed", "Block"]
-
-
-class Mlp(nn.Module):
-    """fc1, GELU (tanh), fc2."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Block(nn.Module):

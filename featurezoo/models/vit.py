@@ -44,6 +44,7 @@ from ..layers.drop_path import DropPath
 from ..layers.init import he_uniform, init_weights, trunc_normal
 from ..layers.plain_pyramid import level_blocks, plain_feature_info, plain_levels
 from ..layers.tokens import nchw_to_tokens, resample_pos_embed, tokens_to_nchw
+from ..layers.mlp import Mlp
 from ..registry import register_model
 
 __all__ = ["VisionTransformer", "Block", "Attention", "Mlp", "LayerScale", "PatchEmbed"]
@@ -101,18 +102,6 @@ class LayerScale(nn.Module):
         return self.gamma * x
 
 
-class Mlp(nn.Module):
-    def __init__(self, in_features: int, hidden_features: int, gelu_approximate: str = "tanh", drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate=gelu_approximate)
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block (``x + attn(norm1(x))``, ``x + mlp(norm2(x))``)."""
 
@@ -125,7 +114,7 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu_approximate, proj_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop, gelu_approximate)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 

@@ -80,6 +80,7 @@ from ..layers.padding import Conv2d
 from ..layers.plain_pyramid import level_sources, staged_feature_info, staged_levels
 from ..layers.tokens import resample_pos_embed
 from ..layers.unfold import extract_image_patches
+from ..layers.mlp import Mlp
 from ..registry import register_model
 
 __all__ = ["VOLO", "Outlooker", "OutlookAttention", "Transformer", "ClassBlock", "extract_image_patches"]
@@ -109,18 +110,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.conv(x))
-
-
-class Mlp(nn.Module):
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class OutlookAttention(nn.Module):

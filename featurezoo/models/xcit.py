@@ -67,6 +67,7 @@ from ..layers.drop_path import DropPath
 from ..layers.init import init_weights, trunc_normal
 from ..layers.plain_pyramid import level_blocks, plain_feature_info, plain_levels
 from ..layers.tokens import nchw_to_tokens, tokens_to_nchw
+from ..layers.mlp import Mlp
 from ..registry import register_model
 
 __all__ = ["XCiT", "XCA", "XCABlock", "LPI", "ClassAttention", "ClassAttentionBlock", "ConvPatchEmbed",
@@ -146,18 +147,6 @@ class PositionalEncodingFourier(nn.Module):
         pos_x = self._axis(w, weight.device)[None, :, :].expand(h, w, self.hidden_dim)
         pos = torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1).unsqueeze(0)
         return self.token_projection(pos.to(weight.dtype))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate=_GELU)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class LPI(nn.Module):
