@@ -24,7 +24,8 @@ LAYERS = [
     ["featurezoo.features", "featurezoo.checkpoint"],
     ["featurezoo.builder"],
     ["featurezoo.factory"],
-    ["featurezoo.layers", "featurezoo.necks", "featurezoo.models", "featurezoo.detection"],
+    ["featurezoo.layers", "featurezoo.necks", "featurezoo.models", "featurezoo.detection", "featurezoo.fx",
+     "featurezoo.onnx_export"],
     ["featurezoo.cli", "featurezoo.extract"],
 ]
 

@@ -46,6 +46,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .fx_calls import fx_call
+
 __all__ = ["PYRAMID_STRIDES", "derived_strides", "plain_feature_info", "level_blocks", "derive_level",
            "plain_levels", "staged_feature_info", "level_sources", "staged_levels"]
 
@@ -177,6 +179,13 @@ def level_sources(feature_info: Sequence[Mapping[str, Any]]) -> List[int]:
     return [block_of[e["name"] if e["native"] else e["name"].rpartition("@")[0]] for e in feature_info]
 
 
+@fx_call
+def crop_to_input(x: torch.Tensor, input_hw: Sequence[int], stride: int) -> torch.Tensor:
+    """The ``ceil(size / stride)`` first rows and columns of the stride-``stride`` map ``x``: those that lie on
+    an ``input_hw`` image."""
+    return x[..., :-(-int(input_hw[0]) // stride), :-(-int(input_hw[1]) // stride)]
+
+
 def staged_levels(feature_info: Sequence[Mapping[str, Any]], indices: Sequence[int],
                   maps: Mapping[int, torch.Tensor], input_hw: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
     """The entries ``indices`` (ascending) from the NCHW block maps ``maps`` ({block index: map}, holding
@@ -193,7 +202,7 @@ def staged_levels(feature_info: Sequence[Mapping[str, Any]], indices: Sequence[i
             r = entry["reduction"]
             x = derive_level(x, native[b]["reduction"], r)
             if input_hw is not None and r < native[b]["reduction"]:
-                x = x[..., :-(-int(input_hw[0]) // r), :-(-int(input_hw[1]) // r)]
+                x = crop_to_input(x, input_hw, r)
             x = x.contiguous()
         out.append(x)
     return out

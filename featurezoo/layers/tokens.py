@@ -3,6 +3,7 @@
 * :func:`resample_pos_embed`: an absolute position embedding learned for one
   grid, interpolated bicubically (as timm does) to another; the native grid is
   returned untouched, so the native size stays bit-identical.
+* :func:`resample_pos_map`: the same for an embedding kept as an NCHW map (PiT, Visformer).
 * :func:`tokens_to_nchw` / :func:`nchw_to_tokens`: ``(B, H*W, C)`` <-> ``(B, C, H, W)``.
 * :func:`grid_size`: the token grid a patch embedding produces at a given input size.
 """
@@ -14,7 +15,9 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["resample_pos_embed", "tokens_to_nchw", "nchw_to_tokens", "grid_size"]
+from .fx_calls import fx_call
+
+__all__ = ["resample_pos_embed", "resample_pos_map", "tokens_to_nchw", "nchw_to_tokens", "grid_size"]
 
 
 def grid_size(input_hw: Sequence[int], patch: int, ceil: bool = False) -> Tuple[int, int]:
@@ -25,6 +28,7 @@ def grid_size(input_hw: Sequence[int], patch: int, ceil: bool = False) -> Tuple[
     return tuple(int(s) // patch for s in input_hw)  # type: ignore[return-value]
 
 
+@fx_call
 def resample_pos_embed(pos_embed: torch.Tensor, new_hw: Sequence[int], old_hw: Sequence[int] = (),
                        num_prefix_tokens: int = 0, mode: str = "bicubic") -> torch.Tensor:
     """``pos_embed`` (1, prefix + H*W, C) learned for the grid ``old_hw`` (square if not given),
@@ -47,6 +51,17 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_hw: Sequence[int], old_hw: S
     return torch.cat([prefix, grid], dim=1) if num_prefix_tokens else grid
 
 
+@fx_call
+def resample_pos_map(pos_embed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """An NCHW position embedding ``(1, C, H, W)`` on the grid of the map ``like``: itself on its native
+    grid, resampled bicubically otherwise."""
+    hw = tuple(like.shape[-2:])
+    if tuple(pos_embed.shape[-2:]) == hw:
+        return pos_embed
+    return tokens_to_nchw(resample_pos_embed(nchw_to_tokens(pos_embed), hw, pos_embed.shape[-2:]), hw)
+
+
+@fx_call
 def tokens_to_nchw(x: torch.Tensor, hw: Sequence[int]) -> torch.Tensor:
     """``(B, H*W, C)`` tokens (no prefix tokens) as a contiguous ``(B, C, H, W)`` map."""
     b, n, c = x.shape

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..features import take_levels
 from ..layers.drop_path import DropPath
+from ..layers.fx_calls import fx_call
 from ..layers.init import fan_out_normal, init_weights, trunc_normal
 from ..layers.padding import Conv2d
 from ..layers.tokens import nchw_to_tokens, tokens_to_nchw
@@ -56,6 +57,13 @@ Grid = Tuple[int, int]
 
 def _gelu() -> nn.GELU:
     return nn.GELU(approximate="tanh")  # MindSpore's nn.GELU() default
+
+
+@fx_call
+def relative_pos_for(rel: torch.Tensor, grid: Grid, kv: Grid) -> Optional[torch.Tensor]:
+    """MindCV's zero ``relative_pos`` buffer ``rel`` where it is shaped for the token grid ``grid`` (keys and
+    values on ``kv``), else ``None``: MindCV's zeros rebuilt for another grid add nothing."""
+    return rel if tuple(rel.shape[-2:]) == (grid[0] * grid[1], kv[0] * kv[1]) else None
 
 
 class Mlp(nn.Module):
@@ -214,10 +222,7 @@ class CMT(nn.Module):
         """One stage on an NCHW map: patch embedding and blocks on tokens, returned NCHW."""
         x, grid = getattr(self, f"patch_embed_{s}")(x)
         blocks = getattr(self, f"blocks_{s}")
-        rel: Optional[torch.Tensor] = getattr(self, f"relative_pos_{s}")
-        kv = blocks[0].attn.kv_grid(grid)
-        if rel.shape[-2:] != (grid[0] * grid[1], kv[0] * kv[1]):
-            rel = None  # MindCV's zeros rebuilt for this grid: adding them changes nothing
+        rel = relative_pos_for(getattr(self, f"relative_pos_{s}"), grid, blocks[0].attn.kv_grid(grid))
         for blk in blocks:
             x = blk(x, grid, rel)
         return tokens_to_nchw(x, grid)

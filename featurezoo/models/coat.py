@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..features import take_levels
 from ..layers.drop_path import DropPath
+from ..layers.fx_calls import fx_call
 from ..layers.init import init_weights, trunc_normal
 from ..layers.tokens import tokens_to_nchw
 from ..layers.mlp import Mlp
@@ -74,6 +75,19 @@ def _ln(dim: int) -> nn.LayerNorm:
 
 def _drop_path(rate: float) -> nn.Module:
     return DropPath(rate) if rate > 0 else nn.Identity()
+
+
+@fx_call
+def check_stage_input(x: torch.Tensor, image: torch.Tensor, patch: int, stage: int, stride: int,
+                      parallel: bool) -> torch.Tensor:
+    """``x`` (stage ``stage``'s input map), or a ``ValueError`` when it is smaller than the stage's ``patch``:
+    the ``image`` is then too small for the stage's ``stride``."""
+    if min(x.shape[2:]) < patch:
+        h, w = image.shape[2:]
+        raise ValueError(f"CoaT: a {h}x{w} input leaves stage {stage} (stride {stride}) without "
+                         f"tokens: it needs at least {stride} px per side"
+                         + (" (the parallel blocks need all four stages)" if parallel else ""))
+    return x
 
 
 class PatchEmbed(nn.Module):
@@ -274,7 +288,7 @@ class CoaT(nn.Module):
     def _stages(self, x: torch.Tensor, deepest: int) -> Tuple[List[torch.Tensor], List[HW]]:
         """Every stage's tokens (class token at 0) and grid, as far as level ``deepest`` needs: the serial
         stages up to it, or for CoaT's levels 1-3 all serial stages and the parallel blocks."""
-        in_hw = tuple(x.shape[2:])
+        image = x
         run_parallel = self.parallel_depth > 0 and deepest > 0
         num_serial = self.num_stages if run_parallel else deepest + 1
         xs: List[torch.Tensor] = []
@@ -283,12 +297,8 @@ class CoaT(nn.Module):
             patch_embed, cls_token, cpe, crpe, blocks = self._stage_modules(i)
             if i > 1:
                 x = tokens_to_nchw(xs[-1][:, 1:], sizes[-1])
-            if min(x.shape[2:]) < patch_embed.proj.stride[0]:
-                need = self.feature_info[i - 1]["reduction"]
-                raise ValueError(f"CoaT: a {in_hw[0]}x{in_hw[1]} input leaves stage {i} (stride {need}) without "
-                                 f"tokens: it needs at least {need} px per side"
-                                 + (" (the parallel blocks need all four stages)" if run_parallel else ""))
-            x, hw = patch_embed(x)
+            x, hw = patch_embed(check_stage_input(x, image, patch_embed.proj.stride[0], i,
+                                                  self.feature_info[i - 1]["reduction"], run_parallel))
             x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
             for block in blocks:
                 x = block(x, hw, cpe, crpe)

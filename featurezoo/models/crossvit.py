@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..features import take_levels
 from ..layers.drop_path import DropPath
+from ..layers.fx_calls import fx_call
 from ..layers.init import he_uniform, init_weights, trunc_normal
 from ..layers.tokens import nchw_to_tokens, tokens_to_nchw
 from ..layers.mlp import Mlp
@@ -70,6 +71,14 @@ __all__ = ["CrossViT", "MultiScaleBlock", "CrossAttentionBlock", "CrossAttention
 _LN_EPS = 1e-7  # MindSpore's nn.LayerNorm default: the blocks and the fusion
 _PROJ_LN_EPS = 1e-6  # projs, revert_projs and the final norms (given explicitly in MindCV)
 # The size at which the integer reductions are declared (see the module docstring).
+@fx_call
+def resize_to_branch(x: torch.Tensor, side: int, mode: str, align_corners: Optional[bool]) -> torch.Tensor:
+    """``x`` resized to ``side`` x ``side`` (MindCV's per-branch resize), or ``x`` itself at that size."""
+    if tuple(x.shape[-2:]) == (side, side):
+        return x
+    return F.interpolate(x, size=(side, side), mode=mode, align_corners=align_corners)
+
+
 class PatchEmbed(nn.Module):
     """The unpadded patch conv (kernel = stride = ``patch_size``); returns ``(B, H*W, C)`` tokens."""
 
@@ -276,9 +285,7 @@ class CrossViT(nn.Module):
         xs: List[Optional[torch.Tensor]] = [None] * self.num_branches
         for d in branches:
             s = self.branch_sizes[d]
-            x_ = x if tuple(x.shape[-2:]) == (s, s) else F.interpolate(
-                x, size=(s, s), mode=self.resize_mode, align_corners=self.resize_align_corners)
-            t = self.patch_embed[d](x_)
+            t = self.patch_embed[d](resize_to_branch(x, s, self.resize_mode, self.resize_align_corners))
             t = torch.cat((self.cls_token[d].expand(t.shape[0], -1, -1), t), dim=1)
             xs[d] = self.pos_drop(t + self.pos_embed[d])
         return xs

@@ -50,6 +50,7 @@ import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..features import take_levels
+from ..layers.fx_calls import fx_call
 from ..layers.plain_pyramid import level_blocks, plain_feature_info, plain_levels
 from ..layers.tokens import tokens_to_nchw
 from ..registry import register_model
@@ -57,6 +58,18 @@ from ..registry import register_model
 __all__ = ["MLPMixer", "MixerBlock", "FeedForward", "TransPose"]
 
 _LN_EPS = 1e-7  # MindSpore's nn.LayerNorm default
+
+
+@fx_call
+def check_only_size(x: torch.Tensor, side: int, grid: Tuple[int, int], patch: int) -> torch.Tensor:
+    """``x``, or a ``ValueError`` when it is not ``side`` x ``side`` px (the only size an MLP-Mixer serves)."""
+    h, w = x.shape[-2:]
+    if (h, w) != (side, side):
+        raise ValueError(
+            f"MLPMixer: input {h}x{w} px; this model runs only at {side}x{side} px: its token-mixing MLPs are "
+            f"built for the {grid[0]}x{grid[1]} = {grid[0] * grid[1]} tokens of "
+            f"{patch}-px patches at {side} px (resize the input to {side}x{side})")
+    return x
 
 
 class TransPose(nn.Module):
@@ -147,19 +160,10 @@ class MLPMixer(nn.Module):
         self.layer_norm = nn.LayerNorm(dim, eps=_LN_EPS)
         self.mlp_head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _check_size(self, x: torch.Tensor) -> None:
-        h, w = x.shape[-2:]
-        s = self.image_size
-        if (h, w) != (s, s):
-            raise ValueError(
-                f"MLPMixer: input {h}x{w} px; this model runs only at {s}x{s} px: its token-mixing MLPs are "
-                f"built for the {self.grid[0]}x{self.grid[1]} = {self.grid[0] * self.grid[1]} tokens of "
-                f"{self.patch_size}-px patches at {s} px (resize the input to {s}x{s})")
-
     def _run(self, x: torch.Tensor, keep: Sequence[int] = (), last: Optional[int] = None
              ) -> Tuple[Dict[int, torch.Tensor], torch.Tensor]:
         """Blocks 0..``last`` (default: all): the NCHW maps of the blocks in ``keep``, and the last tokens."""
-        self._check_size(x)
+        x = check_only_size(x, self.image_size, self.grid, self.patch_size)
         x = self.to_patch_embedding(x)
         maps: Dict[int, torch.Tensor] = {}
         stop = len(self.mixer_blocks) if last is None else last + 1

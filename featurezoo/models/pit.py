@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..features import take_levels
 from ..layers.drop_path import DropPath
-from ..layers.tokens import nchw_to_tokens, resample_pos_embed, tokens_to_nchw
+from ..layers.fx_calls import fx_call
+from ..layers.tokens import nchw_to_tokens, resample_pos_map, tokens_to_nchw
 from ..layers.mlp import Mlp
 from ..registry import register_model
 
@@ -51,6 +52,16 @@ __all__ = ["PoolingTransformer", "Transformer", "Block", "Attention", "Mlp", "Co
 
 _LN_EPS = 1e-6
 _POOL_STRIDE = 2
+
+
+@fx_call
+def check_patch_fits(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """``x``, or a ``ValueError`` when it is smaller than one ``patch`` x ``patch`` patch."""
+    h, w = x.shape[-2:]
+    if h < patch or w < patch:
+        raise ValueError(f"PiT: a {h}x{w} input is smaller than the {patch}-px patch; inputs must be "
+                         f"at least {patch}x{patch} px")
+    return x
 
 
 class ConvEmbedding(nn.Module):
@@ -204,22 +215,11 @@ class PoolingTransformer(nn.Module):
             if m.bias is not None:
                 nn.init.uniform_(m.bias, -bound, bound)
 
-    def _pos_embed_for(self, hw: Tuple[int, int]) -> torch.Tensor:
-        """The position embedding on an ``hw`` grid: itself at the native grid, resampled bicubically otherwise."""
-        pe = self.pos_embed
-        if tuple(pe.shape[-2:]) == tuple(hw):
-            return pe
-        return tokens_to_nchw(resample_pos_embed(nchw_to_tokens(pe), hw, pe.shape[-2:]), hw)
-
     def _run(self, x: torch.Tensor, take: Sequence[int], deepest: int
              ) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """The stages up to ``deepest``: the maps of the levels in ``take``, and the last class token."""
-        h, w = x.shape[-2:]
-        if h < self.patch_size or w < self.patch_size:
-            raise ValueError(f"PiT: a {h}x{w} input is smaller than the {self.patch_size}-px patch; inputs must be "
-                             f"at least {self.patch_size}x{self.patch_size} px")
-        x = self.patch_embed(x)
-        x = self.pos_drop(x + self._pos_embed_for(x.shape[-2:]))
+        x = self.patch_embed(check_patch_fits(x, self.patch_size))
+        x = self.pos_drop(x + resample_pos_map(self.pos_embed, x))
         # A copy (MindCV's Tile), not an expand view: under no_grad a view of a parameter requires grad
         # without a grad_fn, which torch's ModuleTracker (FlopCounterMode, the CLI's info) cannot take.
         cls_tokens = self.cls_token.repeat(x.shape[0], 1, 1)

@@ -40,13 +40,24 @@ import torch.nn.functional as F
 from ..builder import build_model_with_cfg, generate_default_cfgs
 from ..features import take_levels
 from ..layers.drop_path import DropPath
+from ..layers.fx_calls import fx_call
 from ..layers.init import fan_out_normal, init_weights
-from ..layers.tokens import nchw_to_tokens, resample_pos_embed, tokens_to_nchw
+from ..layers.tokens import resample_pos_map, tokens_to_nchw
 from ..registry import register_model
 
 __all__ = ["Visformer", "Block", "Attention", "Mlp", "PatchEmbed"]
 
 _STEM_STRIDE = 2
+
+
+@fx_call
+def check_min_side(x: torch.Tensor, side: int, level: str) -> torch.Tensor:
+    """``x``, or a ``ValueError`` when a side is under ``side`` px (too small for the level ``level``)."""
+    h, w = x.shape[-2:]
+    if min(h, w) < side:
+        raise ValueError(f"Visformer: a {h}x{w} input is too small for {level}: "
+                         f"its patch convs need inputs of at least {side} px per side")
+    return x
 
 
 class Mlp(nn.Module):
@@ -211,13 +222,6 @@ class Visformer(nn.Module):
         # MindCV's conv_init=True (all four variants): He normal, fan out; linear truncated N(0, 0.02).
         init_weights(self, conv=fan_out_normal, linear=lambda w: nn.init.trunc_normal_(w, std=0.02))
 
-    def _pos_embed_for(self, k: int, hw: Tuple[int, int]) -> torch.Tensor:
-        """Stage ``k``'s position embedding on an ``hw`` grid: itself at the native grid, resampled otherwise."""
-        pe = getattr(self, f"pos_embed{k}")
-        if tuple(pe.shape[-2:]) == tuple(hw):
-            return pe
-        return tokens_to_nchw(resample_pos_embed(nchw_to_tokens(pe), hw, pe.shape[-2:]), hw)
-
     def _min_side(self, levels: int) -> int:
         """The smallest input side that gives the first ``levels`` stages at least one pixel."""
         patch = math.prod(getattr(self, f"patch_embed{k}").patch_size for k in self.stage_ids[:levels])
@@ -226,15 +230,11 @@ class Visformer(nn.Module):
     def forward_levels(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
         """The ``feature_info`` entries ``indices`` (ascending), computing nothing past the deepest one."""
         take, deepest = take_levels(indices, len(self.feature_info))
-        h, w = x.shape[-2:]
-        if min(h, w) < self._min_side(deepest):
-            raise ValueError(f"Visformer: a {h}x{w} input is too small for {self.feature_info[deepest]['name']}: "
-                             f"its patch convs need inputs of at least {self._min_side(deepest)} px per side")
-        x = self.stem(x)
+        x = self.stem(check_min_side(x, self._min_side(deepest), self.feature_info[deepest]["name"]))
         out = [x] if 0 in take else []
         for level, k in enumerate(self.stage_ids[:deepest], start=1):
             x = getattr(self, f"patch_embed{k}")(x)
-            x = self.pos_drop(x + self._pos_embed_for(k, x.shape[-2:]))
+            x = self.pos_drop(x + resample_pos_map(getattr(self, f"pos_embed{k}"), x))
             for blk in getattr(self, f"stage{k}"):
                 x = blk(x)
             if level in take:
