@@ -17,7 +17,8 @@ from typing import Optional
 __all__ = ["MissingDependency", "require", "PACKAGES"]
 
 # import name -> the name pip installs it under
-PACKAGES = {"PIL": "Pillow", "matplotlib": "matplotlib", "tqdm": "tqdm", "torchvision": "torchvision"}
+PACKAGES = {"PIL": "Pillow", "matplotlib": "matplotlib", "tqdm": "tqdm", "torchvision": "torchvision",
+            "onnx": "onnx", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime"}
 
 
 class MissingDependency(ModuleNotFoundError):

@@ -5,10 +5,11 @@
     featurezoo extract MODEL INPUT... -o OUT [--out-indices 1,2,3 | --pyramid] [--pool none|avg|max] ...
     featurezoo plot MODEL IMAGE -o pyramid.png
     featurezoo bench MODEL [--batch-size N] [--size H[xW]] [--dtype ...]
+    featurezoo export MODEL -o model.onnx [--out-indices ...] [--size H[xW]] [--checkpoint PATH]
     featurezoo demo [--out DIR]
 
 One module per verb (``list_cmd``, ``info``, ``extract``, ``plot``, ``bench``,
-``demo``), each with ``add_parser(sub)`` and ``run(args) -> int``; shared
+``export``, ``demo``), each with ``add_parser(sub)`` and ``run(args) -> int``; shared
 argument pieces in :mod:`.common`. Errors in the arguments print one line and
 exit with status 2, before anything is written; so does a missing optional
 package (``pip install 'featurezoo[cli]'``).
@@ -25,7 +26,7 @@ from typing import Optional, Sequence
 
 from .. import __version__
 from .._optional import MissingDependency
-from . import bench, demo, extract, info, list_cmd, plot
+from . import bench, demo, export, extract, info, list_cmd, plot
 from .common import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser, UsageError, one_line,
                      parse_out_indices, parse_size)
 
@@ -33,7 +34,7 @@ __all__ = ["main", "build_parser", "parse_size", "parse_out_indices", "UsageErro
            "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
 # The verbs, in the order `featurezoo --help` lists them: name -> module with add_parser(sub) and run(args).
-COMMANDS = {m.NAME: m for m in (list_cmd, info, extract, plot, bench, demo)}
+COMMANDS = {m.NAME: m for m in (list_cmd, info, extract, plot, bench, export, demo)}
 
 
 def build_parser() -> argparse.ArgumentParser:
