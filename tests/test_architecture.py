@@ -24,7 +24,7 @@ LAYERS = [
     ["featurezoo.features", "featurezoo.checkpoint"],
     ["featurezoo.builder"],
     ["featurezoo.factory"],
-    ["featurezoo.layers", "featurezoo.necks", "featurezoo.models", "featurezoo.detection"],
+    ["featurezoo.layers", "featurezoo.necks", "featurezoo.models", "featurezoo.detection", "featurezoo.discovery"],
     ["featurezoo.cli", "featurezoo.extract"],
 ]
 
