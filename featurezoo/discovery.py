@@ -317,24 +317,33 @@ def _trace_export(model: nn.Module, x: torch.Tensor) -> Tuple[fx.GraphModule, Di
     return gm, returned_by
 
 
+def _shape_only(value: Any) -> Any:
+    """``value`` with every tensor replaced by a meta tensor of its shape (the probe's activations are freed)."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, Mapping):
+        return {k: _shape_only(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shape_only(v) for v in value]
+    return value
+
+
 def _propagate(gm: fx.GraphModule, x: torch.Tensor) -> Dict[fx.Node, Any]:
-    """Every node's value for input ``x`` (fake tensors: shapes only, no compute)."""
+    """Every node's value (as shapes: meta tensors) for input ``x``.
+
+    A real run where the model's weights are real: on a CPU at the sizes discovery probes,
+    computing is faster than fake or meta tensors, whose per-operation cost is high.
+    """
     values: Dict[fx.Node, Any] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             v = super().run_node(n)
-            values[n] = v
+            values[n] = _shape_only(v)
             return v
 
-    if x.is_meta:
-        with torch.no_grad():
-            Recorder(gm).run(x)
-        return values
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        Recorder(gm).run(mode.from_tensor(x))
+    with torch.no_grad():
+        Recorder(gm).run(x)
     return values
 
 
