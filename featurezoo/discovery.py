@@ -80,7 +80,7 @@ METHODS = ("fx", "export", "hooks")
 LAYOUTS = ("NCHW", "NHWC", "tokens")
 # The second probe adds this many pixels to the height and twice as many to the width: a multiple of 32
 # (stride-32 maps grow by whole cells) and non-square (a channels-last map is told from an NCHW one).
-_PROBE_STEP = 64
+_PROBE_STEP = 32
 _MAX_PREFIX_TOKENS = 16
 _MAX_REDUCTION = 128
 
@@ -779,14 +779,16 @@ def _discover_hooks(model: nn.Module, input_size: Tuple[int, int, int], model_na
                      lambda: _HookLevels(model, taps, level_maps, first_call, levels, [dict(e) for e in info], cfg))
 
 
-def discover(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, method: Optional[str] = None,
-             model_name: Optional[str] = None) -> Discovery:
+def discover(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *,
+             method: Union[str, Sequence[str], None] = None, model_name: Optional[str] = None) -> Discovery:
     """Find ``model``'s feature levels (see the module docstring for the rule).
 
     Args:
         model: any ``nn.Module`` taking an image batch ``(B, C, H, W)`` as its first argument.
         input_size: ``(C, H, W)`` of the probe; a size the model accepts.
-        method: ``"fx"``, ``"export"`` or ``"hooks"`` to use only that one; ``None`` tries them in that order.
+        method: ``"fx"``, ``"export"`` or ``"hooks"`` to use only that one, or several to try in the
+            order given; ``None`` tries all three in that order. (Export with free sizes can take
+            minutes on a model with much shape arithmetic; ``("fx", "hooks")`` skips it.)
         model_name: the name in messages and ``feature_info``; default the model's class name.
 
     Raises ``ValueError`` when the arguments are wrong or no method finds a level.
@@ -794,13 +796,15 @@ def discover(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, met
     if not isinstance(model, nn.Module):
         raise ValueError(f"discovery needs an nn.Module, got {type(model).__name__} {model!r:.80}")
     input_size = _check_input_size(tuple(input_size) if isinstance(input_size, list) else input_size)
-    if method is not None and method not in METHODS:
-        raise ValueError(f"method={method!r} is not valid; use one of {list(METHODS)} or None (try them in order)")
+    methods = list(METHODS) if method is None else [method] if isinstance(method, str) else list(method)
+    if not methods or any(m not in METHODS for m in methods):
+        raise ValueError(f"method={method!r} is not valid; use one of {list(METHODS)}, several of them, or None "
+                         f"(try them in order)")
     name = model_name or type(model).__name__
     if any(p.requires_grad for p in model.parameters()) and model.training:
         _logger.info("%s: discovering in training mode; call model.eval() first for inference features", name)
     failures: Dict[str, str] = {}
-    for m in ([method] if method else list(METHODS)):
+    for m in methods:
         try:
             if m == "fx":
                 gm, returned_by = _trace_fx(model)
@@ -829,7 +833,7 @@ def discover(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), *, met
 
 
 def wrap(model: nn.Module, out_indices: Union[Sequence[int], str, None] = "pyramid",
-         input_size: Sequence[int] = (3, 224, 224), *, method: Optional[str] = None,
+         input_size: Sequence[int] = (3, 224, 224), *, method: Union[str, Sequence[str], None] = None,
          model_name: Optional[str] = None, as_dict: bool = False,
          level_names: Union[str, Sequence[str], None] = None, frozen_stages: int = -1,
          norm_eval: bool = False) -> FeatureExtractWrapper:

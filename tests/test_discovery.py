@@ -15,6 +15,7 @@ import featurezoo as fz
 from featurezoo.cli import main
 from featurezoo.extract import load_features
 from featurezoo.features import LevelFeatures, ShapeSpec
+from featurezoo.freezing import probe_input_size
 from tests.test_extract import write_good_images
 
 # name -> [(level name, channels, reduction, layout)]; random weights, probed at 64x64 px (vit_b_16 built for
@@ -269,3 +270,61 @@ def test_cli_info_and_extract_take_a_factory_import_path(tmp_path, capsys):
     with torch.no_grad():
         model(x)
     assert torch.allclose(feats.levels["layer4"], got["layer4"], atol=1e-5)
+
+
+# -- the zoo's own models: discovery on the classifier against the declared feature_info -----------------
+# The smallest model of each family (by parameters), at the probe size the contract tests use.
+ZOO_SMALLEST = {
+    "bit": "BiT_resnet50", "cait": "cait_xxs24_224", "cmt": "cmt_tiny", "coat": "coat_tiny", "convit": "convit_tiny",
+    "convnext": "convnextv2_atto", "crossvit": "crossvit_9", "densenet": "densenet121", "dpn": "dpn92",
+    "edgenext": "edgenext_xx_small", "efficientnet": "efficientnet_b0", "ghostnet": "ghostnet_050",
+    "googlenet": "googlenet", "halonet": "halonet_50t", "hrnet": "hrnet_w32", "inceptionv3": "inception_v3",
+    "inceptionv4": "inception_v4", "mae": "mae_b_16_224_finetune", "mixnet": "mixnet_s",
+    "mlpmixer": "mlp_mixer_s_p16", "mnasnet": "mnasnet_050", "mobilenetv1": "mobilenet_v1_025",
+    "mobilenetv2": "mobilenet_v2_035_96", "mobilenetv3": "mobilenet_v3_small_075", "mobilevit": "mobilevit_xx_small",
+    "nasnet": "nasnet_a_4x1056", "pit": "pit_ti", "pnasnet": "pnasnet", "poolformer": "poolformer_s12",
+    "pvt": "pvt_tiny", "pvtv2": "pvt_v2_b0", "regnet": "regnet_x_200mf", "repmlp": "repmlp_t224",
+    "repvgg": "repvgg_a0", "res2net": "res2net50", "resnest": "resnest14", "resnet": "resnet18",
+    "resnetv2": "resnetv2_50", "rexnet": "rexnet_09", "senet": "seresnet18", "shufflenetv1": "shufflenet_v1_g3_05",
+    "shufflenetv2": "shufflenet_v2_x0_5", "sknet": "skresnet18", "squeezenet": "squeezenet1_1", "swin": "swin_tiny",
+    "swinv2": "swinv2_tiny_window8", "vgg": "vgg11", "visformer": "visformer_tiny_v2", "vit": "vit_b_16_224",
+    "volo": "volo_d1", "xception": "xception", "xcit": "xcit_tiny_12_p16_224",
+}
+# Families whose discovered pyramid is not the declared one: [(channels, reduction)] found, and why.
+ZOO_DIFFERENT = {
+    # plain models: the declared stride-4/8/32 levels are derived (resampled) from one block; the model
+    # computes one stride-16 map, its final norm
+    "cait": ([(192, 16)], "plain: derived levels"), "convit": ([(192, 16)], "plain: derived levels"),
+    "mae": ([(768, 16)], "plain: derived levels"), "mlpmixer": ([(512, 16)], "plain: derived levels"),
+    "vit": ([(768, 16)], "plain: derived levels"),
+    "volo": ([(64, 2), (192, 8), (384, 16)], "stride-2 stem conv is a map; the @4 and @32 levels are derived"),
+    "xcit": ([(24, 2), (48, 4), (96, 8), (192, 16)], "conv stem maps, then one stride-16 map; @4/@8/@32 derived"),
+    # the last map at stride 32 (16) is the 1x1 head conv before the global pool, not the last block
+    "cmt": ([(16, 2), (46, 4), (92, 8), (184, 16), (1280, 32)], "head conv at stride 32"),
+    "rexnet": ([(16, 2), (36, 4), (56, 8), (117, 16), (1152, 32)], "head conv at stride 32"),
+    "squeezenet": ([(64, 2), (128, 4), (256, 8), (1000, 16)], "the classifier is a 1x1 conv on the stride-16 map"),
+    # paths in parallel to the end: only what every path passes through is a level
+    "coat": ([(152, 4), (152, 8)], "parallel blocks carry stages 2-4 together to the end"),
+    "hrnet": ([(64, 2), (256, 4), (2048, 32)], "parallel branches meet only in the final fusion"),
+    "nasnet": ([(32, 2), (1056, 32)], "each cell takes the two previous cells' outputs"),
+    "pnasnet": ([(32, 2), (1080, 32)], "each cell takes the two previous cells' outputs"),
+    "crossvit": (None, "two branches to the end, no single map on every path: no levels (ValueError)"),
+}
+
+
+@pytest.mark.parametrize("family", list(ZOO_SMALLEST))
+def test_discovery_on_zoo_classifiers_matches_declared_stage_ends(family):
+    name = ZOO_SMALLEST[family]
+    cfg = fz.get_model_cfg(name)
+    torch.manual_seed(0)
+    model = fz.create_model(name).eval()
+    size = cfg.input_size if cfg.fixed_input_size else (3, *probe_input_size(cfg))
+    declared = [(e["chs"], e["reduction"]) for e in fz.get_feature_info(name, out_indices="pyramid")]
+    expected, _why = ZOO_DIFFERENT.get(family, (declared, ""))
+    if expected is None:
+        with pytest.raises(ValueError, match="no feature levels found"):
+            fz.discover(model, size, method=("fx", "hooks"))
+        return
+    found = fz.discover(model, size, method=("fx", "hooks"))  # export with free sizes is slow on some
+    assert [(e["chs"], e["reduction"]) for e in found.info] == expected
+    assert (expected == declared) == (family not in ZOO_DIFFERENT)
