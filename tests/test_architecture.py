@@ -25,6 +25,7 @@ LAYERS = [
     ["featurezoo.builder"],
     ["featurezoo.factory"],
     ["featurezoo.layers", "featurezoo.necks", "featurezoo.models", "featurezoo.detection", "featurezoo.fx",
+     "featurezoo.discovery",
      "featurezoo.onnx_export"],
     ["featurezoo.cli", "featurezoo.extract"],
 ]

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     _, indices, cfg, _ = probe_model(args.model, args.out_indices, args.size)
     h, w = args.size or tuple(cfg.input_size[1:])
-    model = build_feature_model(args.model, indices).to(device=dev, dtype=dtype)
+    model = build_feature_model(args.model, indices, size=args.size).to(device=dev, dtype=dtype)
     x = torch.randn(args.batch_size, cfg.input_size[0], h, w, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
     params = sum(p.numel() for p in model.parameters())
     held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))

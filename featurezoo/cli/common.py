@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
 from .._optional import require
+from ..discovery import import_factory, is_factory_path
 from ..registry import model_entrypoint
 
 __all__ = ["UsageError", "Parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "parse_size",
@@ -145,7 +146,11 @@ def need(verb: str, *modules: str) -> None:
 
 
 def check_model(name: str) -> None:
-    model_entrypoint(name)  # ValueError naming close matches
+    """A registered name (``ValueError`` naming close matches) or an importable factory ``pkg.module:fn``."""
+    if is_factory_path(name):
+        import_factory(name)
+    else:
+        model_entrypoint(name)
 
 
 # -- formatting ---------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def make_plot(model_name: str, image: str, out: str, out_indices="pyramid", mode
         crop = pre.load(image)
     except SkippedImage as e:
         raise ExtractError(f"cannot plot {image}: {e}") from None
-    model = build_feature_model(model_name, indices, checkpoint, pretrained)
+    model = build_feature_model(model_name, indices, checkpoint, pretrained, size)
     with torch.inference_mode():
         feats = model(pre.normalize(torch.from_numpy(crop)[None]))
     weights = checkpoint and os.path.basename(checkpoint) or ("pretrained" if pretrained else "random weights")

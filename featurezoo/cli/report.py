@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..cfg import ModelCfg
+from ..discovery import discover, import_factory, is_factory_path
 from ..features import PYRAMID
 from ..registry import build_on_meta, get_model_cfg, supports_features
 
@@ -89,18 +90,46 @@ class ModelReport:
     choices: List[ChoiceRow]
 
 
+def _factory_builders(spec: str, size: Optional[Tuple[int, int]]):
+    """``(cfg, feature_model(out_indices), classifier)`` for a model factory ``pkg.module:fn``, on the
+    meta device; levels discovered once (again per build where the hooks method pruned the model)."""
+    fn = import_factory(spec)
+    input_size = (3, *size) if size is not None else (3, 224, 224)
+    with torch.device("meta"):
+        classifier = fn().eval()
+    found = discover(classifier, input_size, model_name=spec)
+
+    def feature_model(out_indices):
+        nonlocal found
+        if found.method == "hooks":  # prunes its model in place: a fresh one each time
+            with torch.device("meta"):
+                found = discover(fn().eval(), input_size, model_name=spec, method="hooks")
+        return found.backbone(out_indices)
+
+    return found.cfg, feature_model, classifier
+
+
 def model_report(name: str, size: Optional[Tuple[int, int]] = None,
                  out_indices: Union[Sequence[int], str, None] = None) -> ModelReport:
-    """Everything ``featurezoo info`` prints, for ``name`` at ``size`` (default: the cfg's)."""
-    cfg = get_model_cfg(name)
-    full = build_on_meta(name, features_only=True)
+    """Everything ``featurezoo info`` prints, for ``name`` (a registered name or a model factory
+    ``pkg.module:fn``) at ``size`` (default: the cfg's)."""
+    if is_factory_path(name):
+        cfg, feature_model, classifier = _factory_builders(name, size)
+        classifier_flops = meta_flops(classifier, size or tuple(cfg.input_size[1:]), cfg.input_size[0])[0]
+        classifier_params = count_params(classifier)
+    else:
+        cfg = get_model_cfg(name)
+        feature_model = lambda idx: build_on_meta(name, features_only=True, out_indices=idx)  # noqa: E731
+        classifier = build_on_meta(name)
+        classifier_flops, classifier_params = None, None
+    full = feature_model(None)
     size = tuple(size) if size is not None else tuple(cfg.input_size[1:])
     in_chans = cfg.input_size[0]
     info = full.feature_info  # built with out_indices=None: every entry
     _, shapes = meta_flops(full, size, in_chans)
     levels = []
     for i, entry in enumerate(info):
-        single = build_on_meta(name, features_only=True, out_indices=[i])
+        single = feature_model([i])
         flops, _ = meta_flops(single, size, in_chans)
         levels.append(LevelRow(i, entry["name"], entry["chs"], entry["reduction"], shapes[i], count_params(single),
                                flops))
@@ -109,10 +138,11 @@ def model_report(name: str, size: Optional[Tuple[int, int]] = None,
     if out_indices is not None and out_indices != PYRAMID:
         asked.insert(0, (",".join(str(i) for i in out_indices), list(out_indices)))
     for label, choice in asked:
-        model = build_on_meta(name, features_only=True, out_indices=choice)
+        model = feature_model(choice)
         flops, _ = meta_flops(model, size, in_chans)
         choices.append(ChoiceRow(label, list(model.out_indices), count_params(model), flops))
-    classifier = build_on_meta(name)
-    flops, _ = meta_flops(classifier, size, in_chans)
-    choices.append(ChoiceRow("classifier (not features_only)", None, count_params(classifier), flops))
+    if classifier_flops is None:
+        classifier_flops, _ = meta_flops(classifier, size, in_chans)
+        classifier_params = count_params(classifier)
+    choices.append(ChoiceRow("classifier (not features_only)", None, classifier_params, classifier_flops))
     return ModelReport(name, cfg, size, levels, choices)

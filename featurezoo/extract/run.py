@@ -31,6 +31,8 @@ import torch.nn as nn
 
 from .. import __version__
 from .._optional import require
+from ..checkpoint import load_checkpoint
+from ..discovery import import_factory, is_factory_path, wrap
 from ..factory import create_model
 from ..registry import build_on_meta
 from .data import ExtractError, ImageBatches, PathLike, Preprocess, collect_inputs, looks_like_images, pillow
@@ -119,13 +121,33 @@ def weights_setting(checkpoint_path: PathLike = "", pretrained: bool = False) ->
     return {"source": "random-init", "seed": RANDOM_INIT_SEED}
 
 
+def _factory_model(spec: str) -> nn.Module:
+    """The model the factory ``spec`` (``"pkg.module:fn"``) returns, called without arguments."""
+    model = import_factory(spec)()
+    if not isinstance(model, nn.Module):
+        raise ExtractError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
+    return model.eval()
+
+
+def _discovery_size(size: Optional[Tuple[int, int]]) -> Tuple[int, int, int]:
+    return (3, *size) if size is not None else (3, 224, 224)
+
+
 def probe_model(model_name: str, out_indices: OutIndices, size: Optional[Tuple[int, int]] = None):
     """Build the feature model on the meta device (no weights) and run it at ``size``.
+
+    ``model_name`` is a registered name or an import path to a model factory
+    (``"torchvision.models:resnet50"``), whose levels :func:`featurezoo.wrap` discovers
+    at ``size`` (default 224x224).
 
     Returns ``(feature_info, out_indices, cfg, shapes)`` with shapes ``(C, H, W)``
     per selected level. Raises ``ValueError`` for an unknown model or bad indices.
     """
-    model = build_on_meta(model_name, features_only=True, out_indices=out_indices)
+    if is_factory_path(model_name):
+        with torch.device("meta"):
+            model = wrap(_factory_model(model_name), out_indices, _discovery_size(size), model_name=model_name)
+    else:
+        model = build_on_meta(model_name, features_only=True, out_indices=out_indices)
     cfg = model.default_cfg
     h, w = size if size is not None else tuple(cfg.input_size[1:])
     with torch.device("meta"), torch.no_grad():
@@ -138,12 +160,24 @@ def probe_model(model_name: str, out_indices: OutIndices, size: Optional[Tuple[i
 
 
 def build_feature_model(model_name: str, out_indices: OutIndices = None, checkpoint_path: PathLike = "",
-                        pretrained: bool = False) -> nn.Module:
+                        pretrained: bool = False, size: Optional[Tuple[int, int]] = None) -> nn.Module:
     """The feature model, in eval mode, with the weights :func:`extract_features` would use.
 
     Without a checkpoint or ``pretrained`` it is initialised from
-    :data:`RANDOM_INIT_SEED` (the caller's RNG state is left alone).
+    :data:`RANDOM_INIT_SEED` (the caller's RNG state is left alone). A factory's
+    model (``"pkg.module:fn"``) loads the checkpoint before its levels are
+    discovered at ``size`` (default 224x224), so the checkpoint is the model's own.
     """
+    if is_factory_path(model_name):
+        if pretrained:
+            raise ExtractError(f"{model_name} is a model factory: featurezoo knows no published weights for it; "
+                               f"pass --checkpoint")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = _factory_model(model_name)
+        if checkpoint_path:
+            load_checkpoint(model, os.fspath(checkpoint_path))
+        return wrap(model, out_indices, _discovery_size(size), model_name=model_name).eval()
     kwargs = dict(features_only=True, out_indices=out_indices)
     if checkpoint_path:
         model = create_model(model_name, checkpoint_path=os.fspath(checkpoint_path), **kwargs)
@@ -374,7 +408,7 @@ def extract_features(
     if weights["source"] == "random-init":
         _logger.warning("%s: no weights given (checkpoint or pretrained); features come from a randomly "
                         "initialised model (seed %d)", model_name, RANDOM_INIT_SEED)
-    model = build_feature_model(model_name, indices, checkpoint_path, pretrained)
+    model = build_feature_model(model_name, indices, checkpoint_path, pretrained, size)
     model.to(device=dev, dtype=torch_dtype)
 
     done = store.begin(overwrite=overwrite, versions=versions())
