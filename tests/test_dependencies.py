@@ -67,6 +67,8 @@ def test_wheel_declares_core_and_cli_dependencies(wheel):
     assert "cli" in (meta.get_all("Provides-Extra") or []) and "test" in meta.get_all("Provides-Extra")
     assert ("featurezoo", "test") in reqs  # the test extra pulls in featurezoo[cli]
     assert {name for name, extra in reqs if extra == "detection"} == {"torchvision"}
+    assert {name for name, extra in reqs if extra == "ray"} == {"ray"}  # ray[data]: Ray Data, for --engine ray
+    assert any(r.startswith("ray[data]") and 'extra == "ray"' in r for r in meta.get_all("Requires-Dist"))
 
 
 def test_wheel_declares_the_console_script_and_holds_the_packages(wheel):
@@ -76,7 +78,7 @@ def test_wheel_declares_the_console_script_and_holds_the_packages(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
     for module in ("featurezoo/cli/__init__.py", "featurezoo/cli/extract.py", "featurezoo/extract/__init__.py",
-                   "featurezoo/extract/run.py", "featurezoo/atomic.py", "featurezoo/_optional.py",
+                   "featurezoo/extract/run.py", "featurezoo/extract/plan.py", "featurezoo/extract/ray_engine.py", "featurezoo/atomic.py", "featurezoo/_optional.py",
                    "featurezoo/__main__.py"):
         assert module in names, module
     assert "featurezoo/cli.py" not in names and not any(n.startswith("tests/") for n in names)
