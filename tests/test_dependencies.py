@@ -141,3 +141,29 @@ def test_missing_tqdm_extracts_without_a_progress_bar(tmp_path, monkeypatch, cap
                                    out_indices=[1], workers=0, progress=True)
     assert summary.complete and len(load_features(tmp_path / "out").paths) == 2
     assert any("tqdm is not installed (pip install 'featurezoo[cli]')" in r.getMessage() for r in caplog.records)
+
+
+RAY_LINE = "featurezoo extract --engine ray needs ray[data]: pip install 'featurezoo[ray]'"
+
+
+def test_missing_ray_says_which_extra_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    write_good_images(tmp_path / "images", 2)
+    monkeypatch.setitem(sys.modules, "ray", None)
+    out = tmp_path / "out"
+    code = main(["extract", "resnet18", str(tmp_path / "images"), "-o", str(out), "--size", "32", "--engine", "ray"])
+    stdout, err = capsys.readouterr()
+    assert code == 2 and stdout == "" and err.strip().splitlines() == [RAY_LINE]
+    with pytest.raises(MissingDependency, match=re.escape(RAY_LINE)):
+        extract_features("resnet18", [tmp_path / "images"], out, size=(32, 32), engine="ray")
+    assert not out.exists()
+    summary = extract_features("resnet18", [tmp_path / "images"], out, size=(32, 32), workers=0)  # local: no Ray
+    assert summary.complete and summary.engine == "local"
+
+
+def test_importing_featurezoo_never_imports_ray():
+    """Ray is imported by the Ray engine when it runs, not by the package, the extraction library or the CLI."""
+    code = ("import sys, featurezoo, featurezoo.extract, featurezoo.extract.ray_engine, featurezoo.cli; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -294,7 +294,9 @@ def extract_on_ray(model_name: str, inputs: Iterable[PathLike], out_dir: PathLik
         gpus_per_worker: GPUs each model actor reserves (default 0); above 0
             the model runs on CUDA. ``device="cuda"`` alone means 1.
     """
-    _ray()  # a missing Ray is the first thing to say, before any other check
+    ray = _ray()  # a missing Ray is the first thing to say, before any other check
+    if address not in (None, "auto") and not ray.is_initialized():
+        check_reachable(address)  # seconds, before the model is probed
     _positive("model workers", model_workers, integer=True)
     _positive("cpus per worker", cpus_per_worker)
     _positive("gpus per worker", gpus_per_worker, zero=True)
