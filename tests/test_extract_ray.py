@@ -77,10 +77,12 @@ class Cluster:
                 continue
         return pids
 
-    def extract(self, out: Path, images: Path, *extra: str, **popen) -> subprocess.Popen:
+    def extract(self, out: Path, images: Path, *extra: str, join: bool = True, **popen) -> subprocess.Popen:
+        """``featurezoo extract --engine ray`` joining this cluster (or, ``join=False``, a Ray of its own)."""
+        address = ["--ray-address", self.address] if join else []
         cmd = [sys.executable, "-m", "featurezoo", "extract", MODEL, str(images), "-o", str(out), *ARGS,
-               "--engine", "ray", "--ray-address", self.address, *extra]
-        return subprocess.Popen(cmd, env=self.env, cwd=REPO, text=True, **popen)
+               "--engine", "ray", *address, *extra]
+        return subprocess.Popen(cmd, env=self.env, cwd=REPO, text=True, start_new_session=True, **popen)
 
 
 def _free_port() -> int:
@@ -262,13 +264,16 @@ def test_a_killed_driver_resumes_to_the_uninterrupted_rows(cluster, reference, t
 
 
 def test_other_settings_are_refused_as_by_the_local_engine(cluster, reference, tmp_path):
-    """(c) A different --pool against an existing OUT: exit 2 naming the difference, nothing written."""
+    """(c) A different --pool against an existing OUT: exit 2 naming the difference, nothing written.
+    Without --ray-address: the run's own local Ray instance is shut down after it (nothing left running)."""
     images, local = reference
     out = tmp_path / "out"
     shutil.copytree(local, out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    proc = cluster.extract(out, images, "--pool", "avg", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = cluster.extract(out, images, "--pool", "avg", join=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout, err = proc.communicate(timeout=300)
+    left = Cluster("", {}, {proc.pid}).processes("")  # its session: the driver, and the Ray it started
+    assert not left, left
     assert proc.returncode == 2, err[-3000:]
     assert err.strip().splitlines()[-1] == (
         f"featurezoo extract: error: {out} already holds features made with different settings: pool was "
