@@ -301,10 +301,10 @@ def test_an_unreachable_address_fails_in_seconds_writing_nothing(tmp_path, capsy
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(engine="spark"), "engine 'spark' is not valid; use one of local, ray"),
-    (dict(model_workers=2), "model_workers only apply to engine 'ray'"),
-    (dict(ray_address="auto", gpus_per_worker=1), "ray_address, gpus_per_worker only apply to engine 'ray'"),
+    (dict(model_workers=2), r"model_workers \(--model-workers\) only apply to engine 'ray' \(--engine ray\)"),
+    (dict(ray_address="auto", gpus_per_worker=1), r"ray_address \(--ray-address\), gpus_per_worker .* only apply"),
     (dict(engine="ray", workers=2), "workers .* is for the local engine"),
-    (dict(engine="ray", ray_address="nohost"), "Ray address 'nohost' is not valid; use auto, HOST:PORT"),
+    (dict(engine="ray", ray_address="nohost"), "Ray address 'nohost' is not valid; use auto or HOST:PORT"),
     (dict(engine="ray", model_workers=0), "model workers must be a positive integer, got 0"),
     (dict(engine="ray", cpus_per_worker=-1.0), "cpus per worker must be a positive number"),
     (dict(engine="ray", device="cuda:1"), "device 'cuda:1' is not valid with engine 'ray'"),
@@ -314,6 +314,18 @@ def test_bad_engine_arguments_start_nothing(tmp_path, kwargs, message):
     write_good_images(tmp_path / "images", 1)
     with pytest.raises(ExtractError, match=message):
         extract_features(MODEL, [tmp_path / "images"], tmp_path / "out", size=(64, 64), **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cpus-per-worker", "0"], "argument --cpus-per-worker: must be a positive number, got '0'"),
+    (["--gpus-per-worker", "-1"], "argument --gpus-per-worker: must be a number >= 0, got '-1'"),
+    (["--model-workers", "x"], "argument --model-workers: must be a positive integer, got 'x'"),
+    (["--engine", "dask"], "argument --engine: invalid choice: 'dask'"),
+])
+def test_bad_engine_flags_are_usage_errors(tmp_path, capsys, args, message):
+    assert main(["extract", MODEL, str(tmp_path), "-o", str(tmp_path / "out"), *args]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

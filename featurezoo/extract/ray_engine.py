@@ -83,18 +83,18 @@ def _ray() -> ModuleType:
 
 
 # -- connecting --------------------------------------------------------------------------------------------
-_HOST_PORT = re.compile(r"^(?:ray://)?(?:\[(?P<ip6>[^\]]+)\]|(?P<host>[^:/\[\]]+)):(?P<port>\d+)/?$")
+_HOST_PORT = re.compile(r"^(?:\[(?P<ip6>[^\]]+)\]|(?P<host>[^:/\[\]]+)):(?P<port>\d+)$")
 
 
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Raise :class:`ExtractError` unless ``address`` (``HOST:PORT``, ``ray://HOST:PORT``) accepts a connection.
+    """Raise :class:`ExtractError` unless ``address`` (``HOST:PORT``, ``[IPv6]:PORT``) accepts a connection.
 
-    Ray itself would retry an unreachable address for a minute or more; this
-    answers in at most ``timeout`` seconds, before anything is written.
+    Ray itself retries an address once a second for 20 s before it gives up;
+    this answers in at most ``timeout`` seconds, before anything is written.
     """
     m = _HOST_PORT.match(address)
     if m is None:
-        raise ExtractError(f"Ray address {address!r} is not valid; use auto, HOST:PORT or ray://HOST:PORT")
+        raise ExtractError(f"Ray address {address!r} is not valid; use auto or HOST:PORT (the head's GCS port)")
     host, port = m.group("ip6") or m.group("host"), int(m.group("port"))
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -112,6 +112,7 @@ def ray_session(address: Optional[str] = None) -> Iterator[ModuleType]:
     that connection is used and left open."""
     ray = _ray()
     if ray.is_initialized():
+        _logger.info("using this process's Ray connection (%s)", ray.get_runtime_context().gcs_address)
         yield ray
         return
     if address not in (None, "auto"):

@@ -180,9 +180,10 @@ def extract_features(
         raise ExtractError(f"engine {engine!r} is not valid; use one of {', '.join(ENGINES)}")
     ray_options = dict(ray_address=ray_address, model_workers=model_workers, cpus_per_worker=cpus_per_worker,
                        gpus_per_worker=gpus_per_worker)
-    given = [k for k, v in ray_options.items() if v is not None]
+    given = [f"{k} (--{k.replace('_', '-')})" for k, v in ray_options.items() if v is not None]
     if given:
-        raise ExtractError(f"{', '.join(given)} only apply to engine 'ray' (this run's engine is 'local')")
+        raise ExtractError(f"{', '.join(given)} only apply to engine 'ray' (--engine ray); this run's engine is "
+                           f"'local'")
     if workers is not None and workers < 0:
         raise ExtractError(f"workers must be >= 0, got {workers}")
     job = check_arguments(model_name, inputs, out_dir, device=resolve_device(device), **common)

@@ -16,6 +16,12 @@ in place are a batch's lines appended to the index. So the index never names
 a partial shard, and the index's complete batches are always a prefix of the batches:
 resuming re-reads that prefix, cuts off a torn last line, removes any shard
 past it, and carries on with the next batch.
+
+The local engine writes shards through :meth:`FeatureStore.write_batch`. The
+Ray engine's model workers, on any node, write them with :func:`write_shard`
+(possibly out of order), and the driver appends their index lines with
+:meth:`FeatureStore.record_batch` in batch order, once each shard is in place:
+the same two rules hold.
 """
 from __future__ import annotations
 
