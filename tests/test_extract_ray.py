@@ -101,15 +101,16 @@ def _kill_group(pid: int) -> None:
 @pytest.fixture(scope="module")
 def cluster():
     tmp = tempfile.mkdtemp(prefix="fzray", dir="/tmp")  # short: Ray's socket paths live under it
+    # RAY_TMPDIR: every node's session files, and those of a Ray a driver starts itself, go under tmp
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_DEDUP_LOGS="0",
-               RAY_USAGE_STATS_ENABLED="0")
+               RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=tmp)
     port = _free_port()
     address = f"127.0.0.1:{port}"
     node = ["--num-cpus", "1", "--object-store-memory", str(200 * 2**20), "--disable-usage-stats", "--block"]
     nodes: List[subprocess.Popen] = []
     try:
-        for args in (["--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", tmp],
+        for args in (["--head", "--port", str(port), "--include-dashboard=false"],
                      ["--address", address]):
             log = open(os.path.join(tmp, f"node{len(nodes)}.log"), "w")
             nodes.append(subprocess.Popen([str(RAY), "start", "--node-ip-address", "127.0.0.1", *args, *node],
@@ -147,7 +148,7 @@ def _wait(ready, seconds: float, what: str, tmp: str) -> None:
     deadline = time.monotonic() + seconds
     while not ready():
         if time.monotonic() > deadline:
-            logs = "".join(Path(tmp, f).read_text()[-1500:] for f in sorted(os.listdir(tmp)) if f.endswith(".log"))
+            logs = "".join(p.read_text()[-1500:] for p in sorted(Path(tmp).glob("node*.log")))
             raise RuntimeError(f"Ray test cluster: no {what} after {seconds} s\n{logs}")
         time.sleep(0.5)
 
