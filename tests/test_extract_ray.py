@@ -20,6 +20,7 @@ level's largest magnitude.
 import fcntl
 import json
 import os
+import pickle
 import pty
 import secrets
 import shutil
@@ -41,6 +42,7 @@ import torch
 
 from featurezoo.cli import main
 from featurezoo.extract import ExtractError, extract_features, load_features
+from featurezoo.extract.data import PackedPaths
 from featurezoo.extract.ray_engine import _check_resources, default_model_workers
 from tests.test_extract import write_bad_inputs, write_good_images, write_odd_images
 
@@ -328,6 +330,17 @@ def test_bad_engine_flags_are_usage_errors(tmp_path, capsys, args, message):
     assert main(["extract", MODEL, str(tmp_path), "-o", str(tmp_path / "out"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_packed_paths_round_trip():
+    """The path list the decode tasks read from Ray's object store: every name back as it was."""
+    paths = ["/a/img 1.jpg", "/b/été/ü.png", os.fsdecode(b"/c/\xff\xfe.jpg"), "/d/" + "x" * 300 + ".png", "/e"]
+    packed = PackedPaths.pack(paths)
+    assert len(packed) == 5 and list(packed) == paths and packed[-1] == "/e" and packed[1:3] == paths[1:3]
+    assert list(pickle.loads(pickle.dumps(packed, protocol=5))) == paths
+    assert list(PackedPaths.pack([])) == []
+    with pytest.raises(IndexError):
+        packed[5]
 
 
 def test_model_workers_fit_the_cluster():

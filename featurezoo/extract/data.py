@@ -309,10 +309,14 @@ class PackedPaths(Sequence[str]):
 
     @classmethod
     def pack(cls, paths: Sequence[str]) -> "PackedPaths":
-        encoded = [os.fsencode(p) for p in paths]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in encoded], out=offsets[1:])
-        return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
+        # One encode of the joined paths, not one bytes object per path: NUL is the one byte no path holds.
+        data = np.frombuffer(os.fsencode("\0".join(paths) + "\0"), dtype=np.uint8) if paths else np.zeros(0, np.uint8)
+        ends = np.flatnonzero(data == 0)
+        if len(ends) != len(paths):
+            raise ValueError("a path contains a NUL character")
+        offsets = np.empty(len(paths) + 1, dtype=np.int64)
+        offsets[0], offsets[1:] = 0, ends + 1
+        return cls(data, offsets)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -324,7 +328,7 @@ class PackedPaths(Sequence[str]):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return os.fsdecode(self.data[self.offsets[i]:self.offsets[i + 1]].tobytes())
+        return os.fsdecode(self.data[self.offsets[i]:self.offsets[i + 1] - 1].tobytes())  # less its NUL
 
 
 class ImageBatches(torch.utils.data.Dataset):
