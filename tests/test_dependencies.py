@@ -78,7 +78,8 @@ def test_wheel_declares_the_console_script_and_holds_the_packages(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
     for module in ("featurezoo/cli/__init__.py", "featurezoo/cli/extract.py", "featurezoo/extract/__init__.py",
-                   "featurezoo/extract/run.py", "featurezoo/extract/plan.py", "featurezoo/extract/ray_engine.py", "featurezoo/atomic.py", "featurezoo/_optional.py",
+                   "featurezoo/extract/run.py", "featurezoo/extract/plan.py", "featurezoo/extract/ray_engine.py",
+                   "featurezoo/atomic.py", "featurezoo/_optional.py",
                    "featurezoo/__main__.py"):
         assert module in names, module
     assert "featurezoo/cli.py" not in names and not any(n.startswith("tests/") for n in names)

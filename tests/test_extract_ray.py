@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Dict, List, Set
 
 import pytest
-import torch
 
 from featurezoo.cli import main
 from featurezoo.extract import ExtractError, extract_features, load_features

@@ -11,8 +11,9 @@ from .._optional import require
 from ..registry import model_entrypoint
 
 __all__ = ["UsageError", "Parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "parse_size",
-           "parse_out_indices", "join_out_indices", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "workers", "add_levels",
-           "add_weights", "need", "check_model", "table", "mparams", "gflops", "hw", "plural", "one_line"]
+           "parse_out_indices", "join_out_indices", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
+           "workers", "add_levels", "add_weights", "need", "check_model", "table", "mparams", "gflops", "hw", "plural",
+           "one_line"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

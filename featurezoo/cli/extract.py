@@ -1,4 +1,5 @@
-"""``featurezoo extract MODEL INPUT... -o OUT [--engine ray ...]``: features of images into a resumable directory of shards."""
+"""``featurezoo extract MODEL INPUT... -o OUT [--engine ray ...]``: features of images into a resumable directory
+of shards, on this machine or on a Ray cluster."""
 from __future__ import annotations
 
 import argparse

@@ -283,7 +283,9 @@ def extract_on_ray(model_name: str, inputs: Iterable[PathLike], out_dir: PathLik
                    progress: bool = False, address: Optional[str] = None, model_workers: Optional[int] = None,
                    cpus_per_worker: Optional[float] = None, gpus_per_worker: Optional[float] = None,
                    **job_args: Any) -> ExtractSummary:
-    """:func:`~featurezoo.extract.extract_features` on a Ray cluster (``engine="ray"``; its other arguments in ``job_args``).
+    """:func:`~featurezoo.extract.extract_features` on a Ray cluster (``engine="ray"``).
+
+    ``job_args`` are the engine-independent arguments (``out_indices``, ``pool``, ``batch_size``, ...).
 
     Args:
         address: ``None`` starts a local Ray instance for the run and shuts it

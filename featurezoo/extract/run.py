@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import ray_engine
-from .data import ExtractError, ImageBatches, PathLike, Preprocess
+from .data import ExtractError, ImageBatches, PathLike
 from .plan import (ExtractSummary, OutIndices, Plan, already_complete, build_feature_model, check_arguments,
                    finish, list_inputs, num_threads, pool_features, prepare, progress_bar, resolve_device,
                    versions, warn_random_init)
