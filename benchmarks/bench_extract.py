@@ -1,4 +1,4 @@
-"""Extraction throughput of ``featurezoo extract`` against the model alone.
+"""Extraction throughput of ``featurezoo extract`` against the model alone, and of its two engines.
 
 On a folder of generated JPEGs, times (a) the full extraction
 (``featurezoo.extract.extract_features``: listing, decoding in DataLoader
@@ -10,6 +10,15 @@ noise hits both alike; medians are reported, and their ratio (target >= 0.9).
     python benchmarks/bench_extract.py                                   # resnet50, 224 px, batch 16
     python benchmarks/bench_extract.py --model mobilenet_v3_small_100 --images 256
     python benchmarks/bench_extract.py --workers auto 0 1 2 --threads 2  # compare loader settings
+    python benchmarks/bench_extract.py --engines local ray --images 512  # the Ray engine against the local one
+
+With ``--engines ... ray`` each repeat also runs the Ray engine
+(``engine="ray"``) on the same images, into its own OUT. Ray is started once
+for the benchmark (a local instance with this machine's cores, or
+``--ray-address``), as a cluster would be running already; each run still
+lists its inputs in Ray tasks and starts its model actor (import, model
+build), which the ``wall`` columns include. The ratio of the Ray engine to the
+local engine is printed at the end, for both rates.
 
 The images are ``--image-size`` (default 800x600) JPEGs of smooth colour
 fields plus noise, which decode about as fast as photos of that size.
@@ -84,6 +93,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size")
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "featurezoo-bench-extract"),
                     help="where the images and outputs go")
+    ap.add_argument("--engines", nargs="+", default=["local"], choices=["local", "ray"],
+                    help="local: the --workers settings; ray: also the Ray engine (needs featurezoo[ray])")
+    ap.add_argument("--ray-address", default=None,
+                    help="with --engines ray: a running cluster (default: a local Ray instance for the benchmark)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -118,30 +131,48 @@ def main(argv: Optional[List[str]] = None) -> int:
         model(batches[0])
 
     results: Dict[str, List[float]] = {"model": []}
+    walls: Dict[str, List[float]] = {}
     chosen: List[int] = []
-    settings = [None if w == "auto" else int(w) for w in args.workers]
-    for w in args.workers:
-        results[f"extract w={w}"] = []
+    settings = [None if w == "auto" else int(w) for w in args.workers] if "local" in args.engines else []
+    runs = [(f"extract w={w}", dict(workers=setting)) for w, setting in zip(args.workers, settings)]
+    if "ray" in args.engines:
+        import ray
+
+        ray.init(address=args.ray_address, include_dashboard=False if args.ray_address is None else None,
+                 logging_level=logging.ERROR, log_to_driver=False)
+        runs.append(("extract ray", dict(engine="ray")))
+    for name, _ in runs:
+        results[name], walls[name] = [], []
+    common = dict(out_indices=indices, pool=args.pool, batch_size=args.batch_size, dtype=args.dtype,
+                  device=args.device, size=size, jpeg_draft=not args.no_draft, overwrite=True, threads=args.threads)
     for r in range(args.repeats):
         results["model"].append(model_only_rate(model, batches, args.pool, device))
-        for w, setting in zip(args.workers, settings):
-            s = extract_features(args.model, [paths[0].parent], root / "out", out_indices=indices, pool=args.pool,
-                                 batch_size=args.batch_size, workers=setting, dtype=args.dtype, device=args.device,
-                                 size=size, jpeg_draft=not args.no_draft, overwrite=True, threads=args.threads)
-            results[f"extract w={w}"].append(s.new_images / s.seconds)
-            if setting is None:
+        for name, engine_args in runs:
+            t0 = time.perf_counter()
+            s = extract_features(args.model, [paths[0].parent], root / f"out_{name.split()[-1]}", **common,
+                                 **engine_args)
+            walls[name].append(s.new_images / (time.perf_counter() - t0))
+            results[name].append(s.new_images / s.seconds)
+            if engine_args.get("workers", 0) is None:
                 chosen.append(s.workers)
         print(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in results.items()), flush=True)
 
     base = statistics.median(results["model"])
-    print(f"{'':18} {'img/s (median)':>15} {'ratio to model':>15}")
+    print(f"{'':18} {'img/s (median)':>15} {'ratio to model':>15} {'wall img/s':>11}")
     rows = []
     for k, v in results.items():
         med = statistics.median(v)
-        rows.append(dict(setting=k, rate=med, ratio=med / base, runs=v))
-        print(f"{k:18} {med:15.2f} {med / base:15.3f}")
+        wall = statistics.median(walls[k]) if k in walls else None
+        rows.append(dict(setting=k, rate=med, ratio=med / base, runs=v, wall_rate=wall, wall_runs=walls.get(k)))
+        print(f"{k:18} {med:15.2f} {med / base:15.3f} {'' if wall is None else f'{wall:11.2f}'}")
     if chosen:
         print(f"auto chose {sorted(set(chosen))} worker(s)")
+    if "ray" in args.engines and len(runs) > 1:
+        local = runs[0][0]
+        ratio = statistics.median(results["extract ray"]) / statistics.median(results[local])
+        wall_ratio = statistics.median(walls["extract ray"]) / statistics.median(walls[local])
+        print(f"ray engine / local engine ({local}): {ratio:.3f} (extraction rate), {wall_ratio:.3f} (wall, "
+              f"including the Ray run's listing and model-actor start)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), decode_ms=decode_ms, results=rows, auto_workers=chosen), f, indent=1)

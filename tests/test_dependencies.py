@@ -67,6 +67,8 @@ def test_wheel_declares_core_and_cli_dependencies(wheel):
     assert "cli" in (meta.get_all("Provides-Extra") or []) and "test" in meta.get_all("Provides-Extra")
     assert ("featurezoo", "test") in reqs  # the test extra pulls in featurezoo[cli]
     assert {name for name, extra in reqs if extra == "detection"} == {"torchvision"}
+    assert {name for name, extra in reqs if extra == "ray"} == {"ray"}  # ray[data]: Ray Data, for --engine ray
+    assert any(r.startswith("ray[data]") and 'extra == "ray"' in r for r in meta.get_all("Requires-Dist"))
 
 
 def test_wheel_declares_the_console_script_and_holds_the_packages(wheel):
@@ -76,7 +78,8 @@ def test_wheel_declares_the_console_script_and_holds_the_packages(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
     for module in ("featurezoo/cli/__init__.py", "featurezoo/cli/extract.py", "featurezoo/extract/__init__.py",
-                   "featurezoo/extract/run.py", "featurezoo/atomic.py", "featurezoo/_optional.py",
+                   "featurezoo/extract/run.py", "featurezoo/extract/plan.py", "featurezoo/extract/ray_engine.py",
+                   "featurezoo/atomic.py", "featurezoo/_optional.py",
                    "featurezoo/__main__.py"):
         assert module in names, module
     assert "featurezoo/cli.py" not in names and not any(n.startswith("tests/") for n in names)
@@ -139,3 +142,29 @@ def test_missing_tqdm_extracts_without_a_progress_bar(tmp_path, monkeypatch, cap
                                    out_indices=[1], workers=0, progress=True)
     assert summary.complete and len(load_features(tmp_path / "out").paths) == 2
     assert any("tqdm is not installed (pip install 'featurezoo[cli]')" in r.getMessage() for r in caplog.records)
+
+
+RAY_LINE = "featurezoo extract --engine ray needs ray[data]: pip install 'featurezoo[ray]'"
+
+
+def test_missing_ray_says_which_extra_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    write_good_images(tmp_path / "images", 2)
+    monkeypatch.setitem(sys.modules, "ray", None)
+    out = tmp_path / "out"
+    code = main(["extract", "resnet18", str(tmp_path / "images"), "-o", str(out), "--size", "32", "--engine", "ray"])
+    stdout, err = capsys.readouterr()
+    assert code == 2 and stdout == "" and err.strip().splitlines() == [RAY_LINE]
+    with pytest.raises(MissingDependency, match=re.escape(RAY_LINE)):
+        extract_features("resnet18", [tmp_path / "images"], out, size=(32, 32), engine="ray")
+    assert not out.exists()
+    summary = extract_features("resnet18", [tmp_path / "images"], out, size=(32, 32), workers=0)  # local: no Ray
+    assert summary.complete and summary.engine == "local"
+
+
+def test_importing_featurezoo_never_imports_ray():
+    """Ray is imported by the Ray engine when it runs, not by the package, the extraction library or the CLI."""
+    code = ("import sys, featurezoo, featurezoo.extract, featurezoo.extract.ray_engine, featurezoo.cli; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

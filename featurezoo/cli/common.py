@@ -12,8 +12,9 @@ from ..discovery import import_factory, is_factory_path
 from ..registry import model_entrypoint
 
 __all__ = ["UsageError", "Parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "parse_size",
-           "parse_out_indices", "join_out_indices", "positive_int", "nonneg_int", "workers", "add_levels",
-           "add_weights", "need", "check_model", "table", "mparams", "gflops", "hw", "plural", "one_line"]
+           "parse_out_indices", "join_out_indices", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
+           "workers", "add_levels", "add_weights", "need", "check_model", "table", "mparams", "gflops", "hw", "plural",
+           "one_line"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -115,6 +116,26 @@ def nonneg_int(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
     return value
 
 

@@ -1,13 +1,14 @@
-"""``featurezoo extract MODEL INPUT... -o OUT``: features of images into a resumable directory of shards."""
+"""``featurezoo extract MODEL INPUT... -o OUT [--engine ray ...]``: features of images into a resumable directory
+of shards, on this machine or on a Ray cluster."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Sequence
 
-from ..extract import DTYPES, POOLS, ExtractSummary, extract_features
-from .common import (EXIT_OK, add_levels, add_weights, check_model, need, parse_size, plural, positive_int,
-                     workers)
+from ..extract import DTYPES, ENGINES, POOLS, ExtractSummary, extract_features
+from .common import (EXIT_OK, add_levels, add_weights, check_model, need, nonneg_float, parse_size, plural,
+                     positive_float, positive_int, workers)
 
 __all__ = ["NAME", "add_parser", "run", "run_extract"]
 
@@ -38,6 +39,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "the size needed)")
     p.add_argument("--overwrite", action="store_true", help="replace features in OUT made with other settings")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("Ray engine (pip install 'featurezoo[ray]')")
+    g.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: this machine (default); ray: a Ray cluster through Ray Data (OUT and the inputs "
+                        "must be at the same path on every node, e.g. NFS)")
+    g.add_argument("--ray-address", metavar="auto|ADDR",
+                   help="join a running Ray cluster (auto: the one on this machine, or RAY_ADDRESS); default: "
+                        "start a local Ray instance for this run")
+    g.add_argument("--model-workers", type=positive_int, metavar="N",
+                   help="model actors (default: one per GPU, or one per cpus-per-worker + 1 CPUs)")
+    g.add_argument("--cpus-per-worker", type=positive_float, metavar="C",
+                   help="CPUs per model actor, and its torch threads unless --threads (default: 1)")
+    g.add_argument("--gpus-per-worker", type=nonneg_float, metavar="G",
+                   help="GPUs per model actor; above 0 the model runs on CUDA (default: 0, or 1 with --device cuda)")
     return p
 
 
@@ -52,7 +66,12 @@ def run_extract(model: str, inputs: Sequence[str], out: str, *, progress: bool =
     parts = [plural(summary.images, "image"), f"{summary.skipped} skipped"]
     if before:
         parts.append(f"{before} from an earlier run")
-    decoding = "decoded in-process" if not summary.workers else f"{plural(summary.workers, 'decoding worker')}"
+    if summary.engine == "ray":
+        decoding = f"ray: {plural(summary.model_workers, 'model worker')} on {plural(summary.nodes, 'node')}"
+    elif summary.workers:
+        decoding = plural(summary.workers, "decoding worker")
+    else:
+        decoding = "decoded in-process"
     print(f"done: {', '.join(parts)}; {plural(summary.new_images + summary.new_skipped, 'input')} in "
           f"{summary.seconds:.1f} s ({summary.rate:.1f} img/s, {decoding})")
     if summary.skipped:
@@ -67,5 +86,7 @@ def run(args: argparse.Namespace) -> int:
     run_extract(args.model, args.inputs, args.out, progress=not args.quiet and sys.stderr.isatty(),
                 out_indices=args.out_indices, pool=args.pool, batch_size=args.batch_size, workers=args.workers,
                 dtype=args.dtype, device=args.device, checkpoint_path=args.checkpoint, pretrained=args.pretrained,
-                size=args.size, jpeg_draft=not args.no_draft, overwrite=args.overwrite, threads=args.threads)
+                size=args.size, jpeg_draft=not args.no_draft, overwrite=args.overwrite, threads=args.threads,
+                engine=args.engine, ray_address=args.ray_address, model_workers=args.model_workers,
+                cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
     return EXIT_OK

@@ -37,7 +37,7 @@ from .._optional import require
 from ..cfg import ModelCfg
 
 __all__ = ["Preprocess", "collect_inputs", "looks_like_images", "LIST_SUFFIXES", "SkippedImage", "ImageBatches",
-           "ExtractError", "PathLike", "pillow", "INTERPOLATIONS"]
+           "ExtractError", "PathLike", "pillow", "INTERPOLATIONS", "decode_batch", "batch_bounds", "PackedPaths"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -269,17 +269,76 @@ def looks_like_images(paths: Sequence[str], sniff: int = 32) -> bool:
     return False
 
 
-# -- batches for the DataLoader -----------------------------------------------------------------------
-class ImageBatches(torch.utils.data.Dataset):
-    """Item ``k`` is batch ``k`` of ``paths``: ``(k, uint8 (n, H, W, 3), rows, skipped)``.
+# -- batches --------------------------------------------------------------------------------------------
+def batch_bounds(k: int, batch_size: int, n: int) -> Tuple[int, int]:
+    """Positions ``[start, stop)`` of batch ``k`` among ``n`` sorted inputs: batch ``k`` is always the same images."""
+    return k * batch_size, min((k + 1) * batch_size, n)
 
-    ``rows`` are the positions in ``paths`` of the ``n`` decoded images, in
-    order; ``skipped`` is ``[(position, reason)]`` for the others. One item per
-    batch means one message per batch between a worker and the main process.
+
+def decode_batch(paths: Sequence[str], start: int, stop: int,
+                 preprocess: Preprocess) -> Tuple[torch.Tensor, List[int], List[Tuple[int, str]]]:
+    """Decode ``paths[start:stop]``: ``(uint8 (n, H, W, 3), rows, skipped)``, what every engine runs per batch.
+
+    ``rows`` are the positions of the ``n`` decoded images, in order;
+    ``skipped`` is ``[(position, reason)]`` for the others.
+    """
+    arrays, rows, skipped = [], [], []
+    for pos in range(start, stop):
+        try:
+            arrays.append(preprocess.load(paths[pos]))
+            rows.append(pos)
+        except SkippedImage as e:
+            skipped.append((pos, str(e)))
+    h, w = preprocess.size
+    batch = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, h, w, 3), dtype=torch.uint8)
+    return batch, rows, skipped
+
+
+class PackedPaths(Sequence[str]):
+    """A read-only list of paths in two numpy arrays (the encoded bytes and their offsets).
+
+    Pickled, it is two buffers, which Ray's object store hands to every task
+    without a copy; a ``list`` of ``str`` would be rebuilt, one object per path,
+    in each task that reads it. Undecodable file names round-trip
+    (``os.fsencode``/``os.fsdecode``).
+    """
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray):
+        self.data = data
+        self.offsets = offsets
+
+    @classmethod
+    def pack(cls, paths: Sequence[str]) -> "PackedPaths":
+        # One encode of the joined paths, not one bytes object per path: NUL is the one byte no path holds.
+        data = np.frombuffer(os.fsencode("\0".join(paths) + "\0"), dtype=np.uint8) if paths else np.zeros(0, np.uint8)
+        ends = np.flatnonzero(data == 0)
+        if len(ends) != len(paths):
+            raise ValueError("a path contains a NUL character")
+        offsets = np.empty(len(paths) + 1, dtype=np.int64)
+        offsets[0], offsets[1:] = 0, ends + 1
+        return cls(data, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return os.fsdecode(self.data[self.offsets[i]:self.offsets[i + 1] - 1].tobytes())  # less its NUL
+
+
+class ImageBatches(torch.utils.data.Dataset):
+    """Item ``k`` is batch ``k`` of ``paths``: ``(k, uint8 (n, H, W, 3), rows, skipped)`` (see :func:`decode_batch`).
+
+    One item per batch means one message per batch between a worker and the main process.
     """
 
     def __init__(self, paths: Sequence[str], batch_size: int, preprocess: Preprocess):
-        self.paths = list(paths)
+        self.paths = paths
         self.batch_size = batch_size
         self.preprocess = preprocess
 
@@ -287,17 +346,7 @@ class ImageBatches(torch.utils.data.Dataset):
         return (len(self.paths) + self.batch_size - 1) // self.batch_size
 
     def bounds(self, k: int) -> Tuple[int, int]:
-        return k * self.batch_size, min((k + 1) * self.batch_size, len(self.paths))
+        return batch_bounds(k, self.batch_size, len(self.paths))
 
     def __getitem__(self, k: int):
-        start, stop = self.bounds(k)
-        arrays, rows, skipped = [], [], []
-        for pos in range(start, stop):
-            try:
-                arrays.append(self.preprocess.load(self.paths[pos]))
-                rows.append(pos)
-            except SkippedImage as e:
-                skipped.append((pos, str(e)))
-        h, w = self.preprocess.size
-        batch = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, h, w, 3), dtype=torch.uint8)
-        return k, batch, rows, skipped
+        return (k, *decode_batch(self.paths, *self.bounds(k), self.preprocess))

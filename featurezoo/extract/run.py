@@ -1,201 +1,39 @@
-"""The extraction run: :func:`extract_features` and the checks before it.
+"""The extraction run: :func:`extract_features`, and its local engine.
 
-Everything that can be wrong with the arguments (model, indices, dtype,
-device, checkpoint, inputs, output directory) is checked before anything is
-written. Images are decoded (:mod:`.data`) in DataLoader workers while the
-model runs, or, where decoding is cheap next to the model and cores are few,
-in this process, which is faster there (:func:`choose_workers`).
-Shards are written by a background thread (:mod:`.store`). See
+``extract_features(..., engine="local")`` (the default) runs on this machine:
+images are decoded (:mod:`.data`) in DataLoader workers while the model
+runs, or, where decoding is cheap next to the model and cores are few, in
+this process, which is faster there (:func:`choose_workers`). Shards are
+written by a background thread (:mod:`.store`). ``engine="ray"`` hands the
+same plan to :mod:`.ray_engine`. The checks, the settings, the output
+directory and the summary are the engines' shared :mod:`.plan`. See
 ``benchmarks/bench_extract.py``.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import math
 import os
-import platform
 import queue
-import sys
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-import numpy
-import safetensors
 import torch
 import torch.nn as nn
 
-from .. import __version__
-from .._optional import require
-from ..checkpoint import load_checkpoint
-from ..discovery import import_factory, is_factory_path, wrap
-from ..factory import create_model
-from ..registry import build_on_meta
-from .data import ExtractError, ImageBatches, PathLike, Preprocess, collect_inputs, looks_like_images, pillow
-from .store import FeatureStore, inputs_digest
+from . import ray_engine
+from .data import ExtractError, ImageBatches, PathLike
+from .plan import (ExtractSummary, OutIndices, Plan, already_complete, build_feature_model, check_arguments,
+                   finish, list_inputs, num_threads, pool_features, prepare, progress_bar, resolve_device,
+                   versions, warn_random_init)
+from .store import FeatureStore
 
-__all__ = ["extract_features", "ExtractSummary", "build_feature_model", "probe_model", "weights_setting",
-           "choose_workers", "resolve_dtype", "resolve_device", "pool_features", "versions", "POOLS", "DTYPES",
-           "RANDOM_INIT_SEED", "OutIndices"]
+__all__ = ["extract_features", "choose_workers", "default_workers", "ENGINES"]
 
 _logger = logging.getLogger(__name__)
 
-POOLS = ("none", "avg", "max")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Without weights (no checkpoint, not pretrained) a model is initialised from this seed, so that a
-# resumed run computes the same features as the run it continues.
-RANDOM_INIT_SEED = 0
-
-OutIndices = Union[Sequence[int], str, None]
-
-
-@dataclass
-class ExtractSummary:
-    """What one call of :func:`extract_features` did."""
-
-    out_dir: Path
-    inputs: int  # input files, images or not
-    images: int  # rows in OUT now
-    skipped: int  # inputs listed as skipped in OUT now
-    new_images: int  # rows written by this call
-    new_skipped: int
-    resumed_batches: int  # batches found done when this call started
-    seconds: float  # the extraction loop (after the model was built)
-    complete: bool
-    workers: int = 0  # decoding processes used
-
-    @property
-    def rate(self) -> float:
-        return (self.new_images + self.new_skipped) / self.seconds if self.seconds > 0 else 0.0
-
-
-# -- argument checks ------------------------------------------------------------------------------
-def resolve_dtype(dtype: Union[str, torch.dtype]) -> Tuple[str, torch.dtype]:
-    if isinstance(dtype, torch.dtype):
-        names = {v: k for k, v in DTYPES.items()}
-        if dtype not in names:
-            raise ExtractError(f"dtype {dtype} is not supported; valid: {', '.join(DTYPES)}")
-        return names[dtype], dtype
-    if dtype not in DTYPES:
-        raise ExtractError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
-    return dtype, DTYPES[dtype]
-
-
-def resolve_device(device: Union[str, torch.device]) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ExtractError(f"device {device!r} is not valid; use cpu or cuda (cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ExtractError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ExtractError(f"device {device!r} does not exist; {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type not in ("cpu", "cuda"):
-        raise ExtractError(f"device {device!r} is not supported; use cpu or cuda")
-    return dev
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def weights_setting(checkpoint_path: PathLike = "", pretrained: bool = False) -> Dict[str, Any]:
-    """How the model's weights are chosen, as recorded in ``meta.json``."""
-    if checkpoint_path and pretrained:
-        raise ExtractError("--checkpoint and --pretrained are mutually exclusive; pass one of them")
-    if checkpoint_path:
-        path = os.path.abspath(os.fspath(checkpoint_path))
-        if not os.path.isfile(path):
-            raise ExtractError(f"checkpoint {os.fspath(checkpoint_path)!r} does not exist")
-        return {"source": "checkpoint", "path": path, "sha256": _file_sha256(path)}
-    if pretrained:
-        return {"source": "pretrained"}
-    return {"source": "random-init", "seed": RANDOM_INIT_SEED}
-
-
-def _factory_model(spec: str) -> nn.Module:
-    """The model the factory ``spec`` (``"pkg.module:fn"``) returns, called without arguments."""
-    model = import_factory(spec)()
-    if not isinstance(model, nn.Module):
-        raise ExtractError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
-    return model.eval()
-
-
-def _discovery_size(size: Optional[Tuple[int, int]]) -> Tuple[int, int, int]:
-    return (3, *size) if size is not None else (3, 224, 224)
-
-
-def probe_model(model_name: str, out_indices: OutIndices, size: Optional[Tuple[int, int]] = None):
-    """Build the feature model on the meta device (no weights) and run it at ``size``.
-
-    ``model_name`` is a registered name or an import path to a model factory
-    (``"torchvision.models:resnet50"``), whose levels :func:`featurezoo.wrap` discovers
-    at ``size`` (default 224x224).
-
-    Returns ``(feature_info, out_indices, cfg, shapes)`` with shapes ``(C, H, W)``
-    per selected level. Raises ``ValueError`` for an unknown model or bad indices.
-    """
-    if is_factory_path(model_name):
-        with torch.device("meta"):
-            model = wrap(_factory_model(model_name), out_indices, _discovery_size(size), model_name=model_name)
-    else:
-        model = build_on_meta(model_name, features_only=True, out_indices=out_indices)
-    cfg = model.default_cfg
-    h, w = size if size is not None else tuple(cfg.input_size[1:])
-    with torch.device("meta"), torch.no_grad():
-        try:
-            outs = model.eval()(torch.empty(1, cfg.input_size[0], h, w))
-        except RuntimeError as e:
-            raise ExtractError(f"{model_name} cannot run at {h}x{w}: {str(e).splitlines()[0]}") from None
-    shapes = [tuple(int(s) for s in o.shape[1:]) for o in outs]
-    return model.feature_info, list(model.out_indices), cfg, shapes
-
-
-def build_feature_model(model_name: str, out_indices: OutIndices = None, checkpoint_path: PathLike = "",
-                        pretrained: bool = False, size: Optional[Tuple[int, int]] = None) -> nn.Module:
-    """The feature model, in eval mode, with the weights :func:`extract_features` would use.
-
-    Without a checkpoint or ``pretrained`` it is initialised from
-    :data:`RANDOM_INIT_SEED` (the caller's RNG state is left alone). A factory's
-    model (``"pkg.module:fn"``) loads the checkpoint before its levels are
-    discovered at ``size`` (default 224x224), so the checkpoint is the model's own.
-    """
-    if is_factory_path(model_name):
-        if pretrained:
-            raise ExtractError(f"{model_name} is a model factory: featurezoo knows no published weights for it; "
-                               f"pass --checkpoint")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model = _factory_model(model_name)
-        if checkpoint_path:
-            load_checkpoint(model, os.fspath(checkpoint_path))
-        return wrap(model, out_indices, _discovery_size(size), model_name=model_name).eval()
-    kwargs = dict(features_only=True, out_indices=out_indices)
-    if checkpoint_path:
-        model = create_model(model_name, checkpoint_path=os.fspath(checkpoint_path), **kwargs)
-    elif pretrained:
-        model = create_model(model_name, pretrained=True, **kwargs)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model = create_model(model_name, **kwargs)
-    return model.eval()
-
-
-def versions() -> Dict[str, str]:
-    """The versions that made a run, as recorded in ``meta.json``."""
-    PIL = require("PIL", "cli", "featurezoo.extract")
-    return {"featurezoo": __version__, "torch": torch.__version__, "pillow": PIL.__version__,
-            "numpy": numpy.__version__, "safetensors": safetensors.__version__,
-            "python": platform.python_version()}
+ENGINES = ("local", "ray")
 
 
 def available_cores() -> int:
@@ -270,39 +108,6 @@ class _Writer:
             raise self.error
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        _logger.warning("no progress bar: tqdm is not installed (pip install 'featurezoo[cli]')")
-        return None
-    return tqdm(total=total, initial=initial, unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1,
-                file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _num_threads(n: Optional[int]):
-    if not n:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def pool_features(feats: Sequence[torch.Tensor], pool: str) -> List[torch.Tensor]:
-    if pool == "avg":
-        return [f.mean(dim=(2, 3)) for f in feats]
-    if pool == "max":
-        return [f.amax(dim=(2, 3)) for f in feats]
-    return list(feats)
-
-
 def extract_features(
     model_name: str,
     inputs: Iterable[PathLike],
@@ -321,6 +126,11 @@ def extract_features(
     overwrite: bool = False,
     threads: Optional[int] = None,
     progress: bool = False,
+    engine: str = "local",
+    ray_address: Optional[str] = None,
+    model_workers: Optional[int] = None,
+    cpus_per_worker: Optional[float] = None,
+    gpus_per_worker: Optional[float] = None,
 ) -> ExtractSummary:
     """Run ``model_name``'s feature model over ``inputs`` and store the features in ``out_dir``.
 
@@ -337,98 +147,73 @@ def extract_features(
         workers: decoding processes; 0 decodes in this process; ``None`` (auto) times the
             first batches decoded in this process against the model and picks with
             :func:`choose_workers` (in-process when decoding is cheap next to the model).
+            Local engine only.
         dtype: model and stored dtype.
         checkpoint_path / pretrained: the weights; with neither the model is
             randomly initialised (seed :data:`RANDOM_INIT_SEED`) and a warning is logged.
         size: ``(H, W)`` of the model input; default the model's cfg.
         jpeg_draft: let JPEGs decode at a reduced scale when they are at least
             twice the size needed (faster, very slightly different pixels).
-        threads: torch threads for the model during the run (default: unchanged).
+        threads: torch threads for the model during the run (default: unchanged;
+            on a Ray cluster: each model worker's, default ``cpus_per_worker``).
         progress: show a progress bar (images/s) on stderr (needs tqdm).
+        engine: ``"local"`` (this machine) or ``"ray"`` (a Ray cluster through Ray Data,
+            :mod:`featurezoo.extract.ray_engine`; needs ``featurezoo[ray]``). Both
+            write the same directory, and either resumes the other's run.
+        ray_address / model_workers / cpus_per_worker / gpus_per_worker: the Ray
+            engine's; see :func:`featurezoo.extract.ray_engine.extract_on_ray`.
 
     Decoding needs Pillow: without it, :class:`~featurezoo._optional.MissingDependency`
     (a ``ModuleNotFoundError``) says which extra to install, before anything is written.
     """
-    pillow()
-    if pool not in POOLS:
-        raise ExtractError(f"pool {pool!r} is not valid; use one of {', '.join(POOLS)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ExtractError(f"batch size must be a positive integer, got {batch_size!r}")
+    common = dict(out_indices=out_indices, pool=pool, batch_size=batch_size, dtype=dtype,
+                  checkpoint_path=checkpoint_path, pretrained=pretrained, size=size, jpeg_draft=jpeg_draft)
+    if engine == "ray":
+        if workers is not None:
+            raise ExtractError("workers (decoding processes) is for the local engine; with engine 'ray' images "
+                               "are decoded by Ray tasks on the cluster's CPUs")
+        return ray_engine.extract_on_ray(model_name, inputs, out_dir, device=device, overwrite=overwrite,
+                                         threads=threads, progress=progress, address=ray_address,
+                                         model_workers=model_workers, cpus_per_worker=cpus_per_worker,
+                                         gpus_per_worker=gpus_per_worker, **common)
+    if engine != "local":
+        raise ExtractError(f"engine {engine!r} is not valid; use one of {', '.join(ENGINES)}")
+    ray_options = dict(ray_address=ray_address, model_workers=model_workers, cpus_per_worker=cpus_per_worker,
+                       gpus_per_worker=gpus_per_worker)
+    given = [f"{k} (--{k.replace('_', '-')})" for k, v in ray_options.items() if v is not None]
+    if given:
+        raise ExtractError(f"{', '.join(given)} only apply to engine 'ray' (--engine ray); this run's engine is "
+                           f"'local'")
     if workers is not None and workers < 0:
         raise ExtractError(f"workers must be >= 0, got {workers}")
-    dtype_name, torch_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)
-    info, indices, cfg, shapes = probe_model(model_name, out_indices, size)
-    preprocess = Preprocess.from_cfg(cfg, size, jpeg_draft=jpeg_draft)
-    weights = weights_setting(checkpoint_path, pretrained)
-    if weights["source"] == "pretrained":
-        if not cfg.url:
-            raise ExtractError(f"{model_name} has no published weights; pass --checkpoint instead")
-        weights["url"] = cfg.url
+    job = check_arguments(model_name, inputs, out_dir, device=resolve_device(device), **common)
+    plan = prepare(job, list_inputs(job), overwrite)
+    done_already = already_complete(plan, "local")
+    if done_already is not None:
+        return done_already
+    warn_random_init(job)
+    model = build_feature_model(model_name, job.indices, checkpoint_path, pretrained, job.preprocess.size)
+    model.to(device=job.device, dtype=job.dtype)
 
-    out_abs = os.path.abspath(os.fspath(out_dir))
-    given = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    if not given:
-        raise ExtractError("no inputs given")
-    paths = collect_inputs(given, exclude=[out_abs])
-    where = ", ".join(os.fspath(g) for g in given[:3]) + (", ..." if len(given) > 3 else "")
-    if not paths:
-        raise ExtractError(f"no images found in {where}")
-    if not looks_like_images(paths):
-        raise ExtractError(f"no images found in {where} ({len(paths)} file(s), none of them an image)")
-
-    names = [entry["name"] for entry in info]
-    levels = []
-    for idx, entry, shape in zip(indices, info, shapes):
-        stored = shape if pool == "none" else shape[:1]
-        # the tensor's name in the shards: the module's, unless two levels share a module
-        key = entry["name"] if names.count(entry["name"]) == 1 else f"{idx}:{entry['name']}"
-        levels.append({"index": idx, "name": entry["name"], "key": key, "chs": entry["chs"],
-                       "reduction": entry["reduction"], "shape": list(stored)})
-    settings = {
-        "model": model_name,
-        "weights": weights,
-        "out_indices": indices,
-        "pool": pool,
-        "dtype": dtype_name,
-        "device": dev.type,
-        "size": list(preprocess.size),
-        "preprocessing": preprocess.to_dict(),
-        "batch_size": batch_size,
-        "inputs": {"count": len(paths), "sha256": inputs_digest(paths)},
-        "levels": levels,
-    }
-    store = FeatureStore.open(out_abs, settings, paths, batch_size, overwrite=overwrite)
-    if store.complete and not overwrite:
-        counts = store.counts()
-        _logger.info("%s: already complete (%d rows), nothing to do", store.out, counts["rows"])
-        return ExtractSummary(store.out, len(paths), counts["rows"], counts["skipped"], 0, 0,
-                              store.state.done_batches, 0.0, True)
-
-    if weights["source"] == "random-init":
-        _logger.warning("%s: no weights given (checkpoint or pretrained); features come from a randomly "
-                        "initialised model (seed %d)", model_name, RANDOM_INIT_SEED)
-    model = build_feature_model(model_name, indices, checkpoint_path, pretrained, size)
-    model.to(device=dev, dtype=torch_dtype)
-
-    done = store.begin(overwrite=overwrite, versions=versions())
+    done = plan.store.begin(overwrite=overwrite, versions=versions(), engine="local")
     try:
-        return _run(model, store, preprocess, levels, pool, torch_dtype, dev, done, workers, threads, progress)
+        return _run(model, plan, done, workers, threads, progress)
     finally:
-        store.close()
+        plan.store.close()
 
 
-def _run(model: nn.Module, store: FeatureStore, preprocess: Preprocess, levels: List[Dict[str, Any]], pool: str,
-         dtype: torch.dtype, dev: torch.device, done: int, workers: Optional[int], threads: Optional[int],
+def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], threads: Optional[int],
          progress: bool) -> ExtractSummary:
+    store, job = plan.store, plan.job
+    preprocess, dev, dtype = job.preprocess, job.device, job.dtype
     dataset = ImageBatches(store.paths, store.batch_size, preprocess)
     pending = list(range(done, len(dataset)))
     before = store.counts()
     threads = threads or None
     if done:
         _logger.info("%s: resuming, %d of %d batches already done", store.out, done, len(dataset))
-    names = [lv["key"] for lv in levels]
-    bar = _progress_bar(len(store.paths), before["rows"] + before["skipped"], progress)
+    names = plan.level_keys
+    bar = progress_bar(len(store.paths), before["rows"] + before["skipped"], progress)
     t0 = time.perf_counter()
     writer = _Writer(store)
     n_skipped = before["skipped"]
@@ -438,7 +223,7 @@ def _run(model: nn.Module, store: FeatureStore, preprocess: Preprocess, levels: 
         outs: Dict[str, torch.Tensor] = {}
         if rows:
             x = preprocess.normalize(batch.to(dev, non_blocking=True), dtype)
-            feats = pool_features(model(x), pool)
+            feats = pool_features(model(x), job.pool)
             outs = {name: f.to("cpu") for name, f in zip(names, feats)}
         for pos, reason in skipped:
             _logger.info("skipped %s: %s", store.paths[pos], reason)
@@ -452,7 +237,7 @@ def _run(model: nn.Module, store: FeatureStore, preprocess: Preprocess, levels: 
     auto = workers is None
     n_workers, ratio = (0 if auto else workers), None
     try:
-        with _num_threads(threads), torch.inference_mode():
+        with num_threads(threads), torch.inference_mode():
             if auto:  # time the first batches in this process, then choose
                 probe, pending = pending[:AUTO_PROBE_BATCHES], pending[AUTO_PROBE_BATCHES:]
                 for k in probe:
@@ -481,16 +266,8 @@ def _run(model: nn.Module, store: FeatureStore, preprocess: Preprocess, levels: 
             if bar is not None:
                 bar.close()
     seconds = time.perf_counter() - t0
-    after = store.counts()
-    summary = ExtractSummary(
-        out_dir=store.out, inputs=len(store.paths), images=after["rows"], skipped=after["skipped"],
-        new_images=after["rows"] - before["rows"], new_skipped=after["skipped"] - before["skipped"],
-        resumed_batches=done, seconds=seconds, complete=store.state.done_batches == len(dataset),
-        workers=n_workers,
-    )
-    store.finish({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_batches": done,
-                  "images": summary.new_images, "skipped": summary.new_skipped, "seconds": round(seconds, 3),
-                  "rate": round(summary.rate, 3), "workers": n_workers, "workers_auto": auto,
-                  "decode_model_ratio": None if ratio is None else round(ratio, 4),
-                  "threads": threads or torch.get_num_threads(), "device": str(dev)})
-    return summary
+    return finish(plan, before, done, seconds,
+                  {"workers": n_workers, "workers_auto": auto,
+                   "decode_model_ratio": None if ratio is None else round(ratio, 4),
+                   "threads": threads or torch.get_num_threads(), "device": str(dev)},
+                  workers=n_workers)

@@ -2,7 +2,8 @@
 
 Layout of ``OUT``::
 
-    meta.json          settings (model, weights, levels, preprocessing, ...), versions, status
+    meta.json          settings (model, weights, levels, preprocessing, ...), versions, status,
+                       the engine of the latest run, and the figures of each run
     inputs.json        the sorted list of input paths; batch k is inputs[k*B:(k+1)*B]
     index.jsonl        one line per input, in input order, written after its shard:
                        {"i": 7, "path": "...", "shard": "shards/000001.safetensors", "row": 3}
@@ -15,6 +16,12 @@ in place are a batch's lines appended to the index. So the index never names
 a partial shard, and the index's complete batches are always a prefix of the batches:
 resuming re-reads that prefix, cuts off a torn last line, removes any shard
 past it, and carries on with the next batch.
+
+The local engine writes shards through :meth:`FeatureStore.write_batch`. The
+Ray engine's model workers, on any node, write them with :func:`write_shard`
+(possibly out of order), and the driver appends their index lines with
+:meth:`FeatureStore.record_batch` in batch order, once each shard is in place:
+the same two rules hold.
 """
 from __future__ import annotations
 
@@ -34,10 +41,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path, atomic_write, write_bytes_atomic, write_json_atomic
-from .data import ExtractError, PathLike
+from .data import ExtractError, PathLike, batch_bounds
 
-__all__ = ["FeatureStore", "Features", "load_features", "iter_shards", "write_safetensors", "inputs_digest",
-           "FORMAT", "FORMAT_VERSION"]
+__all__ = ["FeatureStore", "Features", "load_features", "iter_shards", "write_safetensors", "write_shard",
+           "inputs_digest", "shard_name", "FORMAT", "FORMAT_VERSION"]
 
 _logger = logging.getLogger(__name__)
 
@@ -221,8 +228,14 @@ class FeatureStore:
                                    f"rerun with the same arguments to resume, or pass --overwrite to replace them")
 
     # -- writing -----------------------------------------------------------------------------
-    def begin(self, overwrite: bool = False, versions: Optional[Mapping[str, str]] = None) -> int:
-        """Create or resume the directory; return the number of batches already done."""
+    def begin(self, overwrite: bool = False, versions: Optional[Mapping[str, str]] = None,
+              engine: str = "local") -> int:
+        """Create or resume the directory; return the number of batches already done.
+
+        ``engine`` (``"local"``, ``"ray"``) is recorded in ``meta.json``: the
+        engine writing now. It is not a setting: both write the same rows, so
+        either may resume the other's run.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock_file = _lock(self.out)
         if overwrite:
@@ -241,6 +254,7 @@ class FeatureStore:
             write_bytes_atomic(self.out / INDEX, b"")
             self.meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "settings": self.settings}
         self.meta["versions"] = dict(versions or {})
+        self.meta["engine"] = engine
         self.meta["status"] = {"complete": self.complete, **self.counts()}
         write_json_atomic(self.out / META, self.meta)
         self._remove_stale_shards()
@@ -258,27 +272,43 @@ class FeatureStore:
     def write_batch(self, k: int, tensors: Mapping[str, torch.Tensor], rows: Sequence[int],
                     skipped: Sequence[Tuple[int, str]]) -> None:
         """Write batch ``k`` (the next one): its shard, then its index lines."""
+        self._check_next(k)
+        shard = write_shard(self.out, k, tensors, len(rows)) if rows else None
+        self.record_batch(k, shard, len(rows), skipped)
+
+    def _check_next(self, k: int) -> None:
         if k != self.state.done_batches:
             raise RuntimeError(f"batch {k} written out of order; expected batch {self.state.done_batches}")
-        shard = shard_name(k) if rows else None
-        if shard is not None:
-            write_safetensors(self.out / shard, tensors, {"format": FORMAT, "batch": str(k), "rows": str(len(rows))})
+
+    def record_batch(self, k: int, shard: Optional[str], n_rows: int, skipped: Sequence[Tuple[int, str]]) -> None:
+        """Append the index lines of batch ``k`` (the next one), whose shard (if it has rows) is in place.
+
+        The rows are the batch's positions not in ``skipped``, in order; an
+        engine that wrote the shard elsewhere (:func:`write_shard`) says how
+        many there are, and a mismatch is an error, not a misaligned index.
+        """
+        self._check_next(k)
+        start, stop = batch_bounds(k, self.batch_size, len(self.paths))
         reasons = dict(skipped)
-        row_of = {pos: r for r, pos in enumerate(rows)}
-        start, stop = k * self.batch_size, min((k + 1) * self.batch_size, len(self.paths))
-        lines = []
+        if n_rows != (stop - start) - len(reasons) or any(not start <= pos < stop for pos in reasons):
+            raise RuntimeError(f"batch {k}: {n_rows} rows and {len(reasons)} skipped do not make its "
+                               f"{stop - start} inputs")
+        if (shard is None) != (n_rows == 0):
+            raise RuntimeError(f"batch {k}: {n_rows} rows but shard {shard!r}")
+        lines, row = [], 0
         for pos in range(start, stop):
             rec: Dict[str, Any] = {"i": pos, "path": self.paths[pos]}
-            if pos in row_of:
-                rec.update(shard=shard, row=row_of[pos])
+            if pos in reasons:
+                rec["skipped"] = reasons[pos]
             else:
-                rec["skipped"] = reasons.get(pos, "no output")
+                rec.update(shard=shard, row=row)
+                row += 1
             lines.append(json.dumps(rec))  # ASCII: json escapes the rest, undecodable file names too
         self._index_file.write(("\n".join(lines) + "\n").encode("ascii"))
         self._index_file.flush()
         os.fsync(self._index_file.fileno())
-        self.state.rows += len(rows)
-        self.state.skipped += (stop - start) - len(rows)
+        self.state.rows += n_rows
+        self.state.skipped += len(reasons)
         self.state.done_batches += 1
 
     def counts(self) -> Dict[str, int]:
@@ -304,6 +334,17 @@ class FeatureStore:
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
+
+
+def write_shard(out: Path, k: int, tensors: Mapping[str, torch.Tensor], n_rows: int) -> str:
+    """Write batch ``k``'s shard into ``out`` (atomically: a reader or a resumed run never sees part of it).
+
+    Returns its name relative to ``out``, as the index records it. Needs no
+    :class:`FeatureStore`: a Ray model worker on another machine writes its shards with it.
+    """
+    name = shard_name(k)
+    write_safetensors(Path(out) / name, tensors, {"format": FORMAT, "batch": str(k), "rows": str(n_rows)})
+    return name
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
