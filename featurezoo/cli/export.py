@@ -20,6 +20,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the input size the graph is built for (default: 64 px or the model's only size)")
     p.add_argument("--batch-size", type=positive_int, default=2, metavar="N",
                    help="the example batch (the batch axis is dynamic anyway; default 2)")
+    p.add_argument("--optimize", action="store_true",
+                   help="run onnxscript's graph optimiser on the file (onnxruntime optimises it at load anyway)")
     add_levels(p, None, "all levels")
     add_weights(p)
     return p
@@ -30,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     require("onnxscript", "onnx", "featurezoo export")
     info = export_onnx(args.model, args.output, out_indices=args.out_indices, size=args.size,
                        batch_size=max(2, args.batch_size), checkpoint_path=args.checkpoint,
-                       pretrained=args.pretrained)
+                       pretrained=args.pretrained, optimize=args.optimize)
     h, w = info["size"]
     print(f"{args.output}: input {info['input']} (N, 3, {h}, {w}), batch dynamic")
     rows = [("output", "channels", "stride")] + [(n, str(c), str(r)) for n, (c, r) in info["outputs"].items()]
