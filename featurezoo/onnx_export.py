@@ -33,21 +33,12 @@ from .factory import create_model
 from .features import FeatureExtractWrapper
 from .freezing import probe_input_size
 
-__all__ = ["export_onnx", "onnx_output_names", "INPUT_NAME", "ONNX_REFUSED"]
+__all__ = ["export_onnx", "onnx_output_names", "INPUT_NAME"]
 
 _logger = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
 
-# Models whose ONNX file computes something else than the model (found by tests/test_graph_capture.py):
-# export_onnx refuses them rather than write a wrong file. Measured with torch 2.14.1, onnxscript 0.7.2,
-# onnxruntime 1.32.0; the torch.export programs they are translated from are exact.
-_HALONET = ("its ONNX file is 0.30 of the largest magnitude off at stage3/stage4 (1.4e-4 at stage2) on "
-            "onnxruntime, measured; the halo attention's translation is at fault")
-_VISFORMER = ("its ONNX file is up to 3.2e-3 of the largest magnitude off on onnxruntime (visformer_tiny_v2 and "
-              "visformer_tiny at 64 px, measured: 1.1e-4 to 3.2e-3 from run to run); not isolated")
-ONNX_REFUSED = {"halonet_50t": _HALONET, **{f"visformer_{v}": _VISFORMER for v in ("tiny", "small", "tiny_v2",
-                                                                                    "small_v2")}}
 
 
 def onnx_output_names(model: FeatureExtractWrapper) -> list:
@@ -106,8 +97,6 @@ def export_onnx(model: Union[str, nn.Module], path: Union[str, "os.PathLike[str]
     if not isinstance(model, FeatureExtractWrapper):
         raise ValueError(f"export_onnx needs a feature model (create_model(..., features_only=True)), got "
                          f"{type(model).__name__}")
-    if getattr(model, "model_name", None) in ONNX_REFUSED:
-        raise ValueError(f"export_onnx: {model.model_name} is not exported to ONNX: {ONNX_REFUSED[model.model_name]}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
         # torch.export specialises a dimension of size 1, so the example batch must be at least 2.
         raise ValueError(f"export_onnx: batch_size must be an int >= 2, got {batch_size!r}")

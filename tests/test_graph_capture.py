@@ -7,6 +7,7 @@ torch.export run on each family's representatives (REPRESENTATIVES: the smallest
 models that together hold every module class the family uses) and ONNX on its
 first one (the smallest model), except the families export_onnx refuses.
 """
+import copy
 import functools
 import warnings
 
@@ -18,7 +19,7 @@ import torch
 import featurezoo as fz
 from featurezoo.fx import symbolic_trace
 from featurezoo.layers.fx_calls import FX_CALLS
-from featurezoo.onnx_export import ONNX_REFUSED, export_onnx
+from featurezoo.onnx_export import export_onnx
 from featurezoo.registry import model_module
 from tests.zoo import zoo_models
 
@@ -165,10 +166,16 @@ def test_fx_graph_computes_the_model(name):
 
 
 # ----------------------------------------------------------------------------- jit.trace, export, ONNX
+# Inputs of standard deviation 0.1: at random initialisation and unit-variance inputs some models are
+# ill-conditioned in float32 (HaloNet: its own float32 and float64 forwards differ by 0.32 of the largest
+# magnitude; 9e-7 at 0.1), so a float32 comparison of two implementations would measure rounding
+# amplified by the model, not the translation. test_jit_trace_export_and_onnx asserts the conditioning.
+INPUT_STD = 0.1
+
+
 def _onnx_checked(name):
-    """ONNX (the costly translation) is checked on each family's first representative that
-    export_onnx does not refuse."""
-    return name == next((n for n in REPRESENTATIVES[model_module(name)] if n not in ONNX_REFUSED), None)
+    """ONNX (the costly translation) is checked on each family's first representative."""
+    return name == REPRESENTATIVES[model_module(name)][0]
 
 
 @pytest.mark.parametrize("name", _representatives())
@@ -178,9 +185,11 @@ def test_jit_trace_export_and_onnx(name, tmp_path):
     on onnxruntime."""
     model = _model(name)
     side = _side(name)
-    x3 = torch.randn(3, 3, side, side)
+    x3 = torch.randn(3, 3, side, side) * INPUT_STD
     with torch.no_grad():
         want = model(x3)
+        if _onnx_checked(name):  # well-conditioned here: float32 agrees with float64 far below the bound
+            assert _rel_err(want, copy.deepcopy(model).double()(x3.double())) <= 1e-5
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(model, (torch.randn(2, 3, side, side),), check_trace=False)
@@ -217,18 +226,6 @@ def test_jit_trace_export_and_onnx(name, tmp_path):
         got = session.run(None, {"images": x.numpy()})
         assert [g.shape for g in got] == [tuple(w.shape) for w in want_b]
         assert _rel_err([torch.from_numpy(np.asarray(g)) for g in got], want_b) <= 1e-4
-
-
-def test_onnx_is_checked_on_every_family_but_the_refused():
-    checked = {model_module(n) for n in _representatives() if _onnx_checked(n)}
-    assert set(REPRESENTATIVES) - checked == {"halonet", "visformer"}
-
-
-@pytest.mark.parametrize("name", sorted(ONNX_REFUSED))
-def test_onnx_refused_models_get_the_reason_and_no_file(name, tmp_path):
-    with pytest.raises(ValueError, match=f"{name} is not exported to ONNX: .*measured"):
-        export_onnx(name, tmp_path / "m.onnx")
-    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- the export command
