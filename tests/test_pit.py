@@ -11,7 +11,7 @@ import timm
 import torch
 
 import featurezoo as fz
-from featurezoo.layers.tokens import nchw_to_tokens, resample_pos_embed, tokens_to_nchw
+from featurezoo.layers.tokens import nchw_to_tokens, resample_pos_embed, resample_pos_map, tokens_to_nchw
 
 
 def _randomise_ln(model):
@@ -84,10 +84,10 @@ def test_other_sizes_resample_the_position_embedding(pit_ti, hw):
         assert [tuple(o.shape) for o in outs] == shapes
         assert pit_ti(x).shape == (1, 1000)  # the classifier runs there too
         # The embedding added at this size is timm's bicubic resampling of the 27x27 one.
-        pe = pit_ti._pos_embed_for(grid)
+        pe = resample_pos_map(pit_ti.pos_embed, torch.empty(1, 1, *grid))
     expected = tokens_to_nchw(resample_pos_embed(nchw_to_tokens(pit_ti.pos_embed), grid, (27, 27)), grid)
     assert pe.shape == (1, 64) + grid and torch.equal(pe, expected)
-    assert pit_ti._pos_embed_for((27, 27)) is pit_ti.pos_embed  # native size: untouched
+    assert resample_pos_map(pit_ti.pos_embed, torch.empty(1, 1, 27, 27)) is pit_ti.pos_embed  # native size: untouched
 
 
 def test_first_level_only_holds_and_computes_nothing_later(pit_ti):

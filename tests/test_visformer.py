@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import featurezoo as fz
-from featurezoo.layers.tokens import nchw_to_tokens, resample_pos_embed, tokens_to_nchw
+from featurezoo.layers.tokens import nchw_to_tokens, resample_pos_embed, resample_pos_map, tokens_to_nchw
 
 
 def _randomise_bn(model):
@@ -104,10 +104,10 @@ def test_other_sizes_resample_the_position_embeddings(tiny_v2, hw):
         assert [tuple(o.shape) for o in feat(x)] == expected
         assert tiny_v2(x).shape == (1, 1000)  # the classifier runs there too
         grid = expected[1][2:]
-        pe = tiny_v2._pos_embed_for(0, grid)
+        pe = resample_pos_map(tiny_v2.pos_embed0, torch.empty(1, 1, *grid))
     want = tokens_to_nchw(resample_pos_embed(nchw_to_tokens(tiny_v2.pos_embed0), grid, (56, 56)), grid)
     assert torch.equal(pe, want)
-    assert tiny_v2._pos_embed_for(0, (56, 56)) is tiny_v2.pos_embed0  # native size: untouched
+    assert resample_pos_map(tiny_v2.pos_embed0, torch.empty(1, 1, 56, 56)) is tiny_v2.pos_embed0  # native size: untouched
 
 
 def test_first_level_only_holds_and_computes_nothing_later(tiny):
