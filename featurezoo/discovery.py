@@ -62,7 +62,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -96,14 +96,20 @@ class _Map:
     prefix: int = 0
 
 
-def _has_tensor(value: Any) -> bool:
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in ``value``, walking nested mappings, lists and tuples in order."""
     if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, Mapping):
-        return any(_has_tensor(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_has_tensor(v) for v in value)
-    return False
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _has_tensor(value: Any) -> bool:
+    return next(_tensors(value), None) is not None
 
 
 def _side_reduction(side: int, out: int) -> Optional[int]:
@@ -383,21 +389,10 @@ class _OpRecorder(TorchFunctionMode):
         if not _has_tensor(out):
             return out
         ins: List[int] = []
-
-        def collect(v: Any) -> None:
-            if isinstance(v, torch.Tensor):
-                i = self.made_by.get(id(v))
-                if i is not None and i not in ins:
-                    ins.append(i)
-            elif isinstance(v, Mapping):
-                for u in v.values():
-                    collect(u)
-            elif isinstance(v, (list, tuple)):
-                for u in v:
-                    collect(u)
-
-        collect(args)
-        collect(kwargs)
+        for t in _tensors((args, kwargs)):
+            i = self.made_by.get(id(t))
+            if i is not None and i not in ins:
+                ins.append(i)
         if not ins:
             return out  # a constant or a parameter: not data from the input
         idx = len(self.preds)
@@ -465,20 +460,10 @@ def _run_hooks_probe(model: nn.Module, size: Tuple[int, int], in_chans: int):
             h.remove()
     sink = len(rec.preds)
     outs: List[int] = []
-
-    def collect(v: Any) -> None:
-        if isinstance(v, torch.Tensor):
-            i = rec.node_of(v)
-            if i is not None and i not in outs:
-                outs.append(i)
-        elif isinstance(v, Mapping):
-            for u in v.values():
-                collect(u)
-        elif isinstance(v, (list, tuple)):
-            for u in v:
-                collect(u)
-
-    collect(out)
+    for t in _tensors(out):
+        i = rec.node_of(t)
+        if i is not None and i not in outs:
+            outs.append(i)
     rec.preds.append(outs)
     return rec, sink, returned_by, first_call
 
