@@ -189,7 +189,7 @@ def _check_pixels(img) -> None:
     limit = pillow().MAX_IMAGE_PIXELS
     w, h = img.size
     if limit and w * h > limit:
-        raise SkippedImage(f"too large: {w}x{h} is {w * h / 1e6:.1f} megapixels, above the limit of {limit / 1e6:.1f} "
+        raise SkippedImage(f"too large: {w}x{h} = {w * h:,} pixels, above the limit of {limit:,} "
                            f"(PIL.Image.MAX_IMAGE_PIXELS); not decoded")
 
 

@@ -119,7 +119,7 @@ def _read_meta(out: Path) -> Dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ExtractError(f"{path} is not a featurezoo features file; use an empty or new -o")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ExtractError(f"{out} holds format {FORMAT!r} version {meta.get('format_version')!r}, this featurezoo "
+        raise ExtractError(f"{path} is format {FORMAT!r} version {meta.get('format_version')!r}, this featurezoo "
                            f"reads and writes version {FORMAT_VERSION}; {_START_AGAIN}")
     problem = _settings_problem(meta.get("settings"))
     if problem:
@@ -216,6 +216,9 @@ def _scan_index(out: Path, layout: _Layout, keep_records: bool = False) -> _Inde
         if start + len(batch) < stop:
             continue
         rows = [r for r in batch if "skipped" not in r]
+        if [r["row"] for r in rows] != list(range(len(rows))):
+            state.damage = f"{out / INDEX} gives batch {k}'s rows as {[r['row'] for r in rows]}, not 0 to {len(rows) - 1}"
+            break
         problem = _shard_problem(out / shard_name(k), len(rows), layout) if rows else None
         if problem:
             state.damage = f"{out / shard_name(k)} {problem}"
