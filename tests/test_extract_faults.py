@@ -440,3 +440,16 @@ def test_fault_spec_must_be_well_formed(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="FEATUREZOO_FAULT='meta.data' is not valid: use STEP:N"):
         atomic.write_bytes_atomic(tmp_path / "x", b"", step="meta")
     assert not list(tmp_path.iterdir())
+
+
+def test_every_row_of_the_readme_table_names_tests_that_exist():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### What happens when...", 1)[1].split("\n\n**", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| What you do")]
+    assert len(rows) >= 10
+    sources = {p.name: p.read_text() for p in Path(__file__).parent.glob("test_*.py")}
+    for row in rows:
+        names = re.findall(r"`(?:(test_\w+\.py)::)?(test_\w+)(?:\[[^\]]*\])?`", row.rsplit("|", 2)[1])
+        assert names, row
+        for file, name in names:
+            assert f"def {name}(" in sources[file or Path(__file__).name], (file, name)
