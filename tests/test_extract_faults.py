@@ -297,7 +297,8 @@ def _edit_meta(out, fn):
      r"index\.jsonl \(missing\) lists 0 of the 5 inputs, but .*meta\.json records the run complete"),
     (lambda out: (out / "index.jsonl").write_bytes(b"".join((out / "index.jsonl").read_bytes().splitlines(True)[:2])),
      r"index\.jsonl lists 2 of the 5 inputs, but .*meta\.json records the run complete: .* recomputes batch 1"),
-    (lambda out: (out / "index.jsonl").write_bytes((out / "index.jsonl").read_bytes().replace(b'"row": 1', b'"row": 0', 1)),
+    (lambda out: (out / "index.jsonl").write_bytes(
+        (out / "index.jsonl").read_bytes().replace(b'"row": 1', b'"row": 0', 1)),
      r"index\.jsonl gives batch 0's rows as \[0, 0\], not 0 to 1: the features are damaged"),
 ], ids=["shard-deleted", "shard-truncated", "shard-header-cut", "index-deleted", "index-cut", "index-row-edited"])
 def test_damaged_output_is_refused_then_repaired_by_a_rerun(copy, images, reference, damage, message, caplog):

@@ -57,7 +57,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # The largest --size (each side). At 4096x4096 one image is 0.2 GB as the float32 model input and a
 # stride-4 level of 64-256 channels 0.27-1.07 GB, per image and before the other activations: 16 times the
 # pixels of 1024 (detection backbones run at up to 1333x800) and 83 times those of the largest default input
-# of a registered model (448x448). Larger sizes ran the machine out of memory instead of failing.
+# of a registered model (448x448). Unbounded, --size 100000 ran the machine out of memory (issue 15).
 MAX_SIZE = 4096
 # Without weights (no checkpoint, not pretrained) a model is initialised from this seed, so that a
 # resumed run, and every model worker of a cluster, computes the same features.

@@ -216,8 +216,9 @@ def _scan_index(out: Path, layout: _Layout, keep_records: bool = False) -> _Inde
         if start + len(batch) < stop:
             continue
         rows = [r for r in batch if "skipped" not in r]
-        if [r["row"] for r in rows] != list(range(len(rows))):
-            state.damage = f"{out / INDEX} gives batch {k}'s rows as {[r['row'] for r in rows]}, not 0 to {len(rows) - 1}"
+        row_numbers = [r["row"] for r in rows]
+        if row_numbers != list(range(len(rows))):
+            state.damage = f"{out / INDEX} gives batch {k}'s rows as {row_numbers}, not 0 to {len(rows) - 1}"
             break
         problem = _shard_problem(out / shard_name(k), len(rows), layout) if rows else None
         if problem:
