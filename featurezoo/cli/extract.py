@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 from ..extract import DTYPES, ENGINES, POOLS, ExtractSummary, extract_features
+from ..extract.plan import MAX_SIZE
 from .common import (EXIT_OK, add_levels, add_weights, check_model, need, nonneg_float, parse_size, plural,
                      positive_float, positive_int, workers)
 
@@ -33,7 +34,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     add_weights(p)
-    p.add_argument("--size", type=parse_size, metavar="H[xW]", help="model input size (default: the model's cfg)")
+    p.add_argument("--size", type=parse_size, metavar="H[xW]",
+                   help=f"model input size, at most {MAX_SIZE} a side (default: the model's cfg)")
     p.add_argument("--no-draft", action="store_true",
                    help="decode JPEGs at full size (default: reduced-scale decoding when the image is >= 2x "
                         "the size needed)")

@@ -135,6 +135,7 @@ class Preprocess:
             orientation = 1
         if self.jpeg_draft and img.format == "JPEG":
             self._draft(img, orientation)
+        _check_pixels(img)
         img.load()
         if orientation in range(2, 9):
             img = require("PIL.ImageOps", "cli", "featurezoo.extract").exif_transpose(img)
@@ -175,6 +176,21 @@ class Preprocess:
         std = torch.tensor(self.std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
         x.div_(255.0).sub_(mean).div_(std)
         return x if dtype == torch.float32 else x.to(dtype)
+
+
+def _check_pixels(img) -> None:
+    """:class:`SkippedImage` if ``img`` (opened, not decoded; after any JPEG draft) would decode to more pixels
+    than ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow's bomb threshold, 89.5 million by default; ``None``: no limit).
+
+    Pillow only warns between that and twice it, and a 117 KB PNG holds
+    11000x11000 pixels: hundreds of megabytes once decoded. A JPEG that draft
+    decoding reduces below the limit is decoded.
+    """
+    limit = pillow().MAX_IMAGE_PIXELS
+    w, h = img.size
+    if limit and w * h > limit:
+        raise SkippedImage(f"too large: {w}x{h} = {w * h:,} pixels, above the limit of {limit:,} "
+                           f"(PIL.Image.MAX_IMAGE_PIXELS); not decoded")
 
 
 def _to_rgb(img):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import numbers
 import os
 import platform
 import sys
@@ -47,12 +48,17 @@ from .store import FeatureStore, inputs_digest
 __all__ = ["Job", "Plan", "ExtractSummary", "check_arguments", "list_inputs", "prepare", "already_complete",
            "finish", "build_feature_model", "probe_model", "weights_setting", "resolve_dtype", "resolve_device",
            "pool_features", "versions", "progress_bar", "num_threads", "POOLS", "DTYPES", "RANDOM_INIT_SEED",
-           "OutIndices", "Lister"]
+           "OutIndices", "Lister", "MAX_SIZE", "check_size"]
 
 _logger = logging.getLogger(__name__)
 
 POOLS = ("none", "avg", "max")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The largest --size (each side). At 4096x4096 one image is 0.2 GB as the float32 model input and a
+# stride-4 level of 64-256 channels 0.27-1.07 GB, per image and before the other activations: 16 times the
+# pixels of 1024 (detection backbones run at up to 1333x800) and 83 times those of the largest default input
+# of a registered model (448x448). Unbounded, --size 100000 ran the machine out of memory (issue 15).
+MAX_SIZE = 4096
 # Without weights (no checkpoint, not pretrained) a model is initialised from this seed, so that a
 # resumed run, and every model worker of a cluster, computes the same features.
 RANDOM_INIT_SEED = 0
@@ -109,6 +115,20 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ExtractError(f"device {device!r} is not supported; use cpu or cuda")
     return dev
+
+
+def check_size(size: Optional[Tuple[int, int]]) -> None:
+    """:class:`ExtractError` unless ``size`` is ``None`` (the model's) or ``(H, W)`` with sides in 1..MAX_SIZE."""
+    if size is None:
+        return
+    ok = (isinstance(size, (tuple, list)) and len(size) == 2
+          and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size))
+    if not ok or not all(0 < v for v in size):
+        raise ExtractError(f"size must be (H, W) with positive integers, got {size!r}")
+    if max(size) > MAX_SIZE:
+        raise ExtractError(f"size {size[0]}x{size[1]} is too large: at most {MAX_SIZE} pixels a side (one "
+                           f"{MAX_SIZE}x{MAX_SIZE} image already needs gigabytes of activations); pass a smaller "
+                           f"size (--size)")
 
 
 def _file_sha256(path: str) -> str:
@@ -247,6 +267,7 @@ def check_arguments(model_name: str, inputs: Iterable[PathLike], out_dir: PathLi
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ExtractError(f"batch size must be a positive integer, got {batch_size!r}")
     dtype_name, torch_dtype = resolve_dtype(dtype)
+    check_size(size)
     info, indices, cfg, shapes = probe_model(model_name, out_indices, size)
     preprocess = Preprocess.from_cfg(cfg, size, jpeg_draft=jpeg_draft)
     weights = weights_setting(checkpoint_path, pretrained)
@@ -317,7 +338,7 @@ def prepare(job: Job, paths: List[str], overwrite: bool = False) -> Plan:
 def already_complete(plan: Plan, engine: str) -> Optional[ExtractSummary]:
     """The summary of a run with nothing left to do, or ``None``."""
     store = plan.store
-    if not store.complete or plan.overwrite:
+    if not store.finished or plan.overwrite:  # a first look; the engine's store.begin() looks again under the lock
         return None
     counts = store.counts()
     _logger.info("%s: already complete (%d rows), nothing to do", store.out, counts["rows"])

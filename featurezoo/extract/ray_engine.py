@@ -353,6 +353,9 @@ def _run(ray: ModuleType, plan: Plan, done: int, workers: int, cpus: float, gpus
     n_batches = (len(store.paths) + store.batch_size - 1) // store.batch_size
     pending = n_batches - done
     before = store.counts()
+    if not pending:  # another run finished it between this run's first look and its lock: only record that
+        return finish(plan, before, done, 0.0, {"ray": {"address": address or "local", "nodes": nodes},
+                                                "device": job.device.type}, engine="ray", nodes=nodes)
     if done:
         _logger.info("%s: resuming, %d of %d batches already done", store.out, done, n_batches)
     _logger.info("ray: %d model worker(s) x (%g CPU, %g GPU), %d node(s)", workers, cpus, gpus, nodes)

@@ -22,6 +22,31 @@ Ray engine's model workers, on any node, write them with :func:`write_shard`
 (possibly out of order), and the driver appends their index lines with
 :meth:`FeatureStore.record_batch` in batch order, once each shard is in place:
 the same two rules hold.
+
+Every decision about an existing ``OUT`` (same settings? which batches are
+done?) is taken again under the lock by :meth:`FeatureStore.begin`:
+:meth:`FeatureStore.open` only checks early, so that a second run started at
+the same moment cannot resume, or finish as "complete", over a run with other
+settings. A directory without ``meta.json`` holding only featurezoo's own
+files (temporary ones included) is a run killed before its first ``meta.json``
+was in place, and is started afresh.
+
+Both the resume scan and the reader check each shard the index names from its
+header (tensors, dtype, shape, rows, file length): the resume redoes a
+missing, truncated or mismatched shard and every batch after it (logging
+which); :func:`load_features` refuses, naming the file and the remedy, and
+never returns part of the rows of a run ``meta.json`` calls complete.
+
+Fault injection (test-only, see :mod:`featurezoo.atomic`): the write steps
+are ``meta``, ``inputs``, ``index`` (the empty index of a new run) and
+``shard``, each with its points ``STEP.begin``, ``STEP.data`` and
+``STEP.rename``; ``shard.partial`` (header written, data not); ``append.before``
+and ``append.after`` (a batch's index lines, before the write and after the
+fsync); ``overwrite`` (``--overwrite``: the old ``meta.json`` removed, the rest
+not yet). ``FEATUREZOO_FAULT=shard.data:2`` kills the process when the second
+shard it writes is complete but not yet renamed.
+
+Layer: application (the extraction library).
 """
 from __future__ import annotations
 
@@ -37,10 +62,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..atomic import atomic_path, atomic_write, write_bytes_atomic, write_json_atomic
+from ..atomic import atomic_path, atomic_write, fault_point, is_temp_name, write_bytes_atomic, write_json_atomic
 from .data import ExtractError, PathLike, batch_bounds
 
 __all__ = ["FeatureStore", "Features", "load_features", "iter_shards", "write_safetensors", "write_shard",
@@ -56,6 +81,10 @@ _OWN_FILES = (META, INPUTS, INDEX, LOCK)
 # Settings whose change makes old rows incompatible with new ones, in the order they are reported.
 SETTING_KEYS = ("model", "weights", "out_indices", "pool", "dtype", "device", "size", "preprocessing",
                 "batch_size", "inputs", "levels")
+# A safetensors header longer than this is not one of ours (ours name a few tensors: under 1 KB a level).
+_MAX_HEADER = 1 << 24
+# The stored dtypes (settings "dtype") and their safetensors codes.
+_DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def shard_name(batch: int) -> str:
@@ -74,6 +103,72 @@ def _read_json(path: Path) -> Any:
         return json.load(f)
 
 
+_START_AGAIN = "rerun the extraction with --overwrite (or into a new -o) to start again"
+
+
+def _read_meta(out: Path) -> Dict[str, Any]:
+    """``OUT/meta.json``, checked to be featurezoo's, of this format version, and whole; else :class:`ExtractError`."""
+    path = out / META
+    try:
+        meta = _read_json(path)
+    except FileNotFoundError:
+        raise ExtractError(f"{out} holds no featurezoo features ({META} missing); if a run into it was killed "
+                           f"before it began, run the extraction again") from None
+    except (OSError, ValueError) as e:
+        raise ExtractError(f"{path} is unreadable ({e}); {_START_AGAIN}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ExtractError(f"{path} is not a featurezoo features file; use an empty or new -o")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ExtractError(f"{path} is format {FORMAT!r} version {meta.get('format_version')!r}, this featurezoo "
+                           f"reads and writes version {FORMAT_VERSION}; {_START_AGAIN}")
+    problem = _settings_problem(meta.get("settings"))
+    if problem:
+        raise ExtractError(f"{path} is damaged: {problem}; {_START_AGAIN}")
+    return meta
+
+
+def _settings_problem(settings: Any) -> Optional[str]:
+    """What is wrong with the stored settings the index and shards are read by, or ``None``."""
+    if not isinstance(settings, dict):
+        return "no settings"
+
+    def count(value: Any, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    if not count(settings.get("batch_size"), 1):
+        return f"settings.batch_size is {settings.get('batch_size')!r}, not a positive integer"
+    inputs = settings.get("inputs")
+    if not isinstance(inputs, dict) or not count(inputs.get("count"), 0):
+        return "settings.inputs.count is missing or not a count"
+    if settings.get("dtype") not in _DTYPE_CODES:
+        return f"settings.dtype is {settings.get('dtype')!r}, not one of {', '.join(_DTYPE_CODES)}"
+    levels = settings.get("levels")
+    if not isinstance(levels, list) or not levels:
+        return "settings.levels is missing or empty"
+    for lv in levels:
+        if not (isinstance(lv, dict) and isinstance(lv.get("key"), str) and isinstance(lv.get("shape"), list)
+                and all(count(d, 1) for d in lv["shape"])):
+            return f"settings.levels has an entry without a name and a shape: {lv!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the index and the shards of one output directory must agree with, from its settings."""
+
+    n_inputs: int
+    batch_size: int
+    levels: Tuple[Tuple[str, Tuple[int, ...]], ...]  # (tensor name, shape of one row)
+    dtype: str  # safetensors dtype code
+    paths: Optional[Sequence[str]] = None  # the inputs, where known (a run): each index line's path is checked
+
+    @classmethod
+    def of(cls, settings: Mapping[str, Any], paths: Optional[Sequence[str]] = None) -> "_Layout":
+        levels = tuple((lv["key"], tuple(lv["shape"])) for lv in settings["levels"])
+        return cls(settings["inputs"]["count"], settings["batch_size"], levels, _DTYPE_CODES[settings["dtype"]],
+                   paths)
+
+
 @dataclass
 class _IndexState:
     done_batches: int = 0
@@ -81,47 +176,117 @@ class _IndexState:
     rows: int = 0
     skipped: int = 0
     records: Optional[List[Dict[str, Any]]] = None  # one per input of the done batches, if asked for
+    damage: Optional[str] = None  # why the scan stopped short, unless at the end or at a torn last batch
 
 
-def _scan_index(out: Path, n_inputs: int, batch_size: int, keep_records: bool = False) -> _IndexState:
-    """Read the valid prefix of ``index.jsonl``: complete batches, in order, whose shards exist."""
+def _scan_index(out: Path, layout: _Layout, keep_records: bool = False) -> _IndexState:
+    """Read the valid prefix of ``index.jsonl``: complete batches, in order, whose shards are whole.
+
+    The scan stops at the end of the file, at a torn last batch (lines cut
+    short: what a kill while appending leaves), or at damage, which
+    ``damage`` then describes, naming the file: a line that is not the next
+    input's record, a shard missing, cut short, or not what the settings say.
+    """
     state = _IndexState(records=[] if keep_records else None)
     try:
         data = (out / INDEX).read_bytes()
     except FileNotFoundError:
         return state
     batch: List[Dict[str, Any]] = []
-    present: set = set()
     offset = 0
     while offset < len(data):
         end = data.find(b"\n", offset)
         if end < 0:
             break  # a torn last line
+        k = state.done_batches
+        start, stop = batch_bounds(k, layout.batch_size, layout.n_inputs)
+        if start >= layout.n_inputs:
+            state.damage = f"{out / INDEX} has more lines than the {layout.n_inputs} inputs"
+            break
         try:
             rec = json.loads(data[offset:end])
         except ValueError:
+            rec = None
+        problem = _record_problem(rec, start + len(batch), k, layout)
+        if problem:
+            state.damage = f"{out / INDEX} line {start + len(batch) + 1} {problem}"
             break
-        k = state.done_batches
-        start, stop = k * batch_size, min((k + 1) * batch_size, n_inputs)
-        if not isinstance(rec, dict) or rec.get("i") != start + len(batch) or start >= n_inputs:
-            break
-        shard = rec.get("shard")
-        if shard is not None and shard not in present:
-            if not (out / shard).is_file():
-                break
-            present.add(shard)
         batch.append(rec)
         offset = end + 1
-        if start + len(batch) == stop:
-            skipped = sum(1 for r in batch if "skipped" in r)
-            state.rows += len(batch) - skipped
-            state.skipped += skipped
-            if state.records is not None:
-                state.records.extend(batch)
-            batch = []
-            state.done_batches += 1
-            state.good_bytes = offset
+        if start + len(batch) < stop:
+            continue
+        rows = [r for r in batch if "skipped" not in r]
+        row_numbers = [r["row"] for r in rows]
+        if row_numbers != list(range(len(rows))):
+            state.damage = f"{out / INDEX} gives batch {k}'s rows as {row_numbers}, not 0 to {len(rows) - 1}"
+            break
+        problem = _shard_problem(out / shard_name(k), len(rows), layout) if rows else None
+        if problem:
+            state.damage = f"{out / shard_name(k)} {problem}"
+            break
+        state.rows += len(rows)
+        state.skipped += len(batch) - len(rows)
+        if state.records is not None:
+            state.records.extend(batch)
+        batch = []
+        state.done_batches += 1
+        state.good_bytes = offset
     return state
+
+
+def _record_problem(rec: Any, i: int, k: int, layout: _Layout) -> Optional[str]:
+    """What is wrong with ``rec`` as the index line of input ``i`` (in batch ``k``), or ``None``."""
+    if not isinstance(rec, dict):
+        return "is not a JSON record"
+    if rec.get("i") != i:
+        return f"is input {rec.get('i')!r}, expected input {i}"
+    if layout.paths is not None and rec.get("path") != layout.paths[i]:
+        return f"names {rec.get('path')!r}, but input {i} is {layout.paths[i]!r}"
+    if "skipped" in rec:
+        return None if isinstance(rec["skipped"], str) and "shard" not in rec else "is a malformed skip"
+    if rec.get("shard") != shard_name(k):
+        return f"names shard {rec.get('shard')!r}, batch {k}'s is {shard_name(k)!r}"
+    if not isinstance(rec.get("row"), int):
+        return "has no row"
+    return None
+
+
+def _shard_problem(path: Path, n_rows: int, layout: _Layout) -> Optional[str]:
+    """What is wrong with the shard at ``path`` (read from its header only), or ``None`` if it holds the
+    ``n_rows`` rows of every level that the settings describe, with all their bytes."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= min(size - 8, _MAX_HEADER):
+                return f"is cut short or not a safetensors file ({size} bytes)"
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"is unreadable ({e.strerror or e})"
+    except ValueError:
+        return "has a damaged header"
+    if not isinstance(header, dict):
+        return "has a damaged header"
+    try:
+        data_end = max((int(t["data_offsets"][1]) for name, t in header.items() if name != "__metadata__"),
+                       default=0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return "has a damaged header"
+    for key, shape in layout.levels:
+        entry = header.get(key)
+        if not isinstance(entry, dict):
+            return f"has no tensor {key!r}"
+        want = [n_rows, *shape]
+        if entry.get("dtype") != layout.dtype or entry.get("shape") != want:
+            return (f"holds {key} as {entry.get('dtype')} {entry.get('shape')}, but the index and {META} say "
+                    f"{layout.dtype} {want}")
+    if 8 + n + data_end != size:
+        return f"is {'cut short' if size < 8 + n + data_end else 'too long'}: {size} bytes, its header says " \
+               f"{8 + n + data_end}"
+    return None
 
 
 def _lock(out: Path):
@@ -135,9 +300,14 @@ def _lock(out: Path):
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise ExtractError(f"{out} is being written by another featurezoo process; "
-                           f"wait for it or use another -o") from None
+        raise ExtractError(f"{out} is being written by another featurezoo process; wait for it to finish and run "
+                           f"again (it resumes, or finds the work done), or use another -o") from None
     return f
+
+
+def _is_own(name: str) -> bool:
+    """Whether a name in ``OUT`` is one of featurezoo's files (or a temporary file of one)."""
+    return name in (*_OWN_FILES, SHARDS) or any(is_temp_name(name, base) for base in (META, INPUTS, INDEX))
 
 
 def check_writable(out: Path) -> None:
@@ -173,8 +343,9 @@ def describe_difference(key: str, old: Any, new: Any, old_inputs: Optional[List[
 class FeatureStore:
     """Writes one output directory; see the module docstring for the layout.
 
-    Use :meth:`open` (validates, creates nothing), then :meth:`begin` (creates
-    or resumes), :meth:`write_batch` per batch in order, :meth:`finish`.
+    Use :meth:`open` (checks early, creates nothing), then :meth:`begin`
+    (takes the lock, checks again, creates or resumes), :meth:`write_batch`
+    per batch in order, :meth:`finish`, :meth:`close`.
     """
 
     def __init__(self, out: Path, settings: Dict[str, Any], paths: List[str], batch_size: int):
@@ -190,31 +361,38 @@ class FeatureStore:
     @classmethod
     def open(cls, out_dir: PathLike, settings: Dict[str, Any], paths: List[str], batch_size: int,
              overwrite: bool = False) -> "FeatureStore":
-        """Check that ``out_dir`` can take this run, writing nothing (:class:`ExtractError` if not)."""
+        """Check that ``out_dir`` can take this run, writing nothing (:class:`ExtractError` if not).
+
+        A first look, without the lock: :meth:`begin` looks again under it.
+        """
         out = Path(os.path.abspath(os.fspath(out_dir)))
         check_writable(out)
         store = cls(out, settings, paths, batch_size)
-        if out.is_dir() and any(out.iterdir()):
-            if not (out / META).is_file():
-                # Only our own files: a run killed before it wrote meta.json. Anything else is someone's data.
-                if any(p.name not in (*_OWN_FILES, SHARDS) for p in out.iterdir()):
-                    raise ExtractError(f"output directory {out} is not empty and holds no featurezoo features "
-                                       f"({META} missing); use an empty or new directory")
-            elif not overwrite:
-                store._check_compatible()
-                store.state = _scan_index(out, len(paths), batch_size)
+        meta = store._check_contents(overwrite)
+        if meta is not None:
+            store.meta = meta
+            store.state = _scan_index(out, store._layout())
         return store
 
-    def _check_compatible(self) -> None:
-        try:
-            meta = _read_json(self.out / META)
-        except (OSError, ValueError) as e:
-            raise ExtractError(f"{self.out / META} is unreadable ({e}); use --overwrite to start again") from None
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise ExtractError(f"{self.out} holds format {meta.get('format')!r} version "
-                               f"{meta.get('format_version')!r}, this featurezoo writes {FORMAT!r} version "
-                               f"{FORMAT_VERSION}; use --overwrite or another -o")
-        old = meta.get("settings", {})
+    def _layout(self) -> _Layout:
+        return _Layout.of(self.settings, self.paths)
+
+    def _check_contents(self, overwrite: bool) -> Optional[Dict[str, Any]]:
+        """Refuse an ``OUT`` that holds someone else's files, or features with other settings (unless
+        ``overwrite``); return its ``meta.json`` when there is one to resume, else ``None``."""
+        if not self.out.is_dir():
+            return None
+        if not (self.out / META).is_file():
+            # Only our own files: a run killed before its first meta.json was in place. Else someone's data.
+            foreign = sorted(p.name for p in self.out.iterdir() if not _is_own(p.name))
+            if foreign:
+                raise ExtractError(f"output directory {self.out} is not empty and holds no featurezoo features "
+                                   f"({META} missing; found {foreign[0]!r}); use an empty or new directory")
+            return None
+        if overwrite:
+            return None
+        meta = _read_meta(self.out)
+        old = meta["settings"]
         for key in SETTING_KEYS:
             if old.get(key) != self.settings.get(key):
                 old_inputs = None
@@ -226,37 +404,66 @@ class FeatureStore:
                 diff = describe_difference(key, old.get(key), self.settings.get(key), old_inputs, self.paths)
                 raise ExtractError(f"{self.out} already holds features made with different settings: {diff}; "
                                    f"rerun with the same arguments to resume, or pass --overwrite to replace them")
+        return meta
+
+    @property
+    def finished(self) -> bool:
+        """Every input is in the index and ``meta.json`` records the run complete: nothing to do or record."""
+        return self.complete and bool(self.meta.get("status", {}).get("complete"))
 
     # -- writing -----------------------------------------------------------------------------
     def begin(self, overwrite: bool = False, versions: Optional[Mapping[str, str]] = None,
               engine: str = "local") -> int:
-        """Create or resume the directory; return the number of batches already done.
+        """Take the lock, check ``OUT`` again, create or resume it; return the number of batches done.
 
-        ``engine`` (``"local"``, ``"ray"``) is recorded in ``meta.json``: the
-        engine writing now. It is not a setting: both write the same rows, so
-        either may resume the other's run.
+        Everything :meth:`open` decided is decided again here, under the lock:
+        another run may have written ``OUT`` since. ``engine`` (``"local"``,
+        ``"ray"``) is recorded in ``meta.json``: the engine writing now. It is
+        not a setting: both write the same rows, so either may resume the
+        other's run.
         """
         self.out.mkdir(parents=True, exist_ok=True)
-        self._lock_file = _lock(self.out)
+        try:
+            self._lock_file = _lock(self.out)
+        except ExtractError:
+            if not overwrite and (self.out / META).is_file():
+                self._check_contents(overwrite)  # other settings say more than "busy": waiting would not help
+            raise
+        try:
+            return self._begin_locked(overwrite, versions, engine)
+        except BaseException:
+            self.close()
+            raise
+
+    def _begin_locked(self, overwrite: bool, versions: Optional[Mapping[str, str]], engine: str) -> int:
+        meta = self._check_contents(overwrite)
         if overwrite:
-            for name in (META, INPUTS, INDEX):
+            (self.out / META).unlink(missing_ok=True)  # first: from here on, the rest is a new run's garbage
+            fault_point("overwrite")
+            for name in (INPUTS, INDEX):
                 (self.out / name).unlink(missing_ok=True)
             shutil.rmtree(self.out / SHARDS, ignore_errors=True)
+        for p in self.out.iterdir():  # temporary files of a killed run
+            if p.name not in (*_OWN_FILES, SHARDS) and _is_own(p.name):
+                p.unlink(missing_ok=True)
         (self.out / SHARDS).mkdir(exist_ok=True)
-        n = len(self.paths)
-        if (self.out / META).is_file():
-            self.meta = _read_json(self.out / META)
-            self.state = _scan_index(self.out, n, self.batch_size)
+        if meta is not None:
+            self.meta = meta
+            self.state = _scan_index(self.out, self._layout())
+            if self.state.damage:
+                _logger.warning("%s: recomputing batch %d and every batch after it", self.state.damage,
+                                self.state.done_batches)
             with open(self.out / INDEX, "ab") as f:
                 f.truncate(self.state.good_bytes)
         else:
-            write_json_atomic(self.out / INPUTS, self.paths)
-            write_bytes_atomic(self.out / INDEX, b"")
+            self.state = _IndexState()
+            write_json_atomic(self.out / INPUTS, self.paths, step="inputs")
+            write_bytes_atomic(self.out / INDEX, b"", step="index")
             self.meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "settings": self.settings}
         self.meta["versions"] = dict(versions or {})
         self.meta["engine"] = engine
         self.meta["status"] = {"complete": self.complete, **self.counts()}
-        write_json_atomic(self.out / META, self.meta)
+        write_json_atomic(self.out / META, self.meta, step="meta")
         self._remove_stale_shards()
         self._index_file = open(self.out / INDEX, "ab")
         return self.state.done_batches
@@ -304,9 +511,11 @@ class FeatureStore:
                 rec.update(shard=shard, row=row)
                 row += 1
             lines.append(json.dumps(rec))  # ASCII: json escapes the rest, undecodable file names too
+        fault_point("append.before")
         self._index_file.write(("\n".join(lines) + "\n").encode("ascii"))
         self._index_file.flush()
         os.fsync(self._index_file.fileno())
+        fault_point("append.after")
         self.state.rows += n_rows
         self.state.skipped += len(reasons)
         self.state.done_batches += 1
@@ -322,7 +531,7 @@ class FeatureStore:
         """Record the outcome, and this run's figures in the run history."""
         self.meta["status"] = {"complete": self.complete, **self.counts()}
         self.meta.setdefault("runs", []).append(dict(run))
-        write_json_atomic(self.out / META, self.meta)
+        write_json_atomic(self.out / META, self.meta, step="meta")
 
     def close(self) -> None:
         for f in (self._index_file, self._lock_file):
@@ -343,19 +552,22 @@ def write_shard(out: Path, k: int, tensors: Mapping[str, torch.Tensor], n_rows: 
     :class:`FeatureStore`: a Ray model worker on another machine writes its shards with it.
     """
     name = shard_name(k)
-    write_safetensors(Path(out) / name, tensors, {"format": FORMAT, "batch": str(k), "rows": str(n_rows)})
+    write_safetensors(Path(out) / name, tensors, {"format": FORMAT, "batch": str(k), "rows": str(n_rows)},
+                      step="shard")
     return name
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                      step: Optional[str] = None) -> None:
     """Write CPU ``tensors`` as a safetensors file at ``path``, atomically.
 
     Equivalent to ``safetensors.torch.save_file`` (and read back by it), but the
     tensor bytes go straight from tensor memory to ``write()``, which releases
     the GIL: on a shard writer thread, the model's thread keeps running.
+    ``step`` names its fault-injection points (test-only, :mod:`featurezoo.atomic`).
     """
     if sys.byteorder != "little":  # the format is little-endian; let the library convert
-        with atomic_path(path) as tmp:
+        with atomic_path(path, step=step) as tmp:
             save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=dict(metadata))
         return
     header: Dict[str, Any] = {"__metadata__": dict(metadata)}
@@ -370,8 +582,10 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
             arrays.append(t.reshape(-1).view(torch.uint8).numpy())
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    with atomic_write(path, "wb", buffering=0) as f:
-        for a in [struct.pack("<Q", len(head)) + head, *arrays]:
+    with atomic_write(path, "wb", buffering=0, step=step) as f:
+        for i, a in enumerate([struct.pack("<Q", len(head)) + head, *arrays]):
+            if i == 1 and step:
+                fault_point(f"{step}.partial")
             view = memoryview(a)
             while view:  # a raw write may be partial
                 view = view[f.write(view):]
@@ -385,56 +599,86 @@ class Features:
     ``levels`` maps each feature level's module name (in ``out_indices``
     order) to a tensor whose row ``j`` belongs to ``paths[j]``; ``(N, C, H, W)``
     or, pooled, ``(N, C)``. Tensors keep the stored dtype (``bfloat16`` has no
-    numpy twin; call ``.float().numpy()`` for numpy).
+    numpy twin; call ``.float().numpy()`` for numpy). ``complete``: every input
+    is either a row or in ``skipped`` (else the run was cut short, and the rows
+    are those of its finished batches).
     """
 
     paths: List[str]
     levels: Dict[str, torch.Tensor]
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     meta: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.meta.get("status", {}).get("complete"))
+    complete: bool = False
 
 
-def _open_for_reading(out_dir: PathLike) -> Tuple[Path, Dict[str, Any], _IndexState]:
+def _damaged(what: str, k: int) -> ExtractError:
+    return ExtractError(f"{what}: the features are damaged; run the same extraction again (same command, same -o): "
+                        f"it recomputes batch {k} and every batch after it")
+
+
+def _open_for_reading(out_dir: PathLike) -> Tuple[Path, Dict[str, Any], _IndexState, bool]:
+    """Check ``out_dir`` and its index; return it, its meta, its index and whether it is complete.
+
+    Raises :class:`ExtractError` naming the file if anything the index names
+    is missing or damaged, or if ``meta.json`` calls the run complete while the
+    index lacks inputs: part of the rows is never passed off as all of them.
+    A run cut short (a torn last batch, inputs not yet reached) is not damage.
+    """
     out = Path(out_dir)
-    try:
-        meta = _read_json(out / META)
-    except FileNotFoundError:
-        raise ExtractError(f"{out} holds no featurezoo features ({META} missing)") from None
-    if meta.get("format") != FORMAT:
-        raise ExtractError(f"{out / META} is not a featurezoo features file")
-    settings = meta["settings"]
-    state = _scan_index(out, settings["inputs"]["count"], settings["batch_size"], keep_records=True)
-    return out, meta, state
+    meta = _read_meta(out)
+    layout = _Layout.of(meta["settings"])
+    state = _scan_index(out, layout, keep_records=True)
+    if state.damage:
+        raise _damaged(state.damage, state.done_batches)
+    complete = state.done_batches * layout.batch_size >= layout.n_inputs
+    status = meta.get("status")
+    if not complete and isinstance(status, dict) and status.get("complete"):
+        listed = state.rows + state.skipped
+        where = out / INDEX if (out / INDEX).is_file() else f"{out / INDEX} (missing)"
+        raise _damaged(f"{where} lists {listed} of the {layout.n_inputs} inputs, but {out / META} records the run "
+                       f"complete", state.done_batches)
+    return out, meta, state, complete
 
 
 def iter_shards(out_dir: PathLike) -> Iterator[Tuple[List[str], Dict[str, torch.Tensor]]]:
-    """Yield ``(paths, {level: tensor})`` per shard, in input order (memory: one shard at a time)."""
-    out, meta, state = _open_for_reading(out_dir)
+    """Yield ``(paths, {level: tensor})`` per shard, in input order (memory: one shard at a time).
+
+    The directory is checked first, as by :func:`load_features`.
+    """
+    out, meta, state, _ = _open_for_reading(out_dir)
+    yield from _shards(out, meta, state)
+
+
+def _shards(out: Path, meta: Dict[str, Any], state: _IndexState) -> Iterator[Tuple[List[str], Dict[str, torch.Tensor]]]:
     levels = [lv["key"] for lv in meta["settings"]["levels"]]
     by_shard: Dict[str, List[Dict[str, Any]]] = {}
     for rec in state.records:
         if "shard" in rec:
             by_shard.setdefault(rec["shard"], []).append(rec)
     for shard, recs in by_shard.items():
-        with safe_open(str(out / shard), framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in levels}
+        try:
+            with safe_open(str(out / shard), framework="pt") as f:
+                tensors = {name: f.get_tensor(name) for name in levels}
+        except (OSError, SafetensorError) as e:  # changed since it was checked
+            raise _damaged(f"{out / shard} is unreadable ({e})", int(Path(shard).stem)) from None
         n = tensors[levels[0]].shape[0]
         if n != len(recs) or [r["row"] for r in recs] != list(range(n)):
-            raise ExtractError(f"{out / shard} has {n} rows but the index names {len(recs)}; the directory is damaged")
+            raise _damaged(f"{out / shard} has {n} rows but the index names {len(recs)}", int(Path(shard).stem))
         yield [r["path"] for r in recs], tensors
 
 
 def load_features(out_dir: PathLike) -> Features:
-    """Read a whole output directory into memory (the complete batches, when a run was cut short)."""
-    out, meta, state = _open_for_reading(out_dir)
+    """Read a whole output directory into memory (the complete batches, when a run was cut short).
+
+    :class:`ExtractError` names the file, and the remedy, when the directory is
+    damaged (a shard missing or cut short, an edited ``meta.json``, an index
+    short of the inputs of a run recorded complete).
+    """
+    out, meta, state, complete = _open_for_reading(out_dir)
     levels = [lv["key"] for lv in meta["settings"]["levels"]]
     paths: List[str] = []
     parts: Dict[str, List[torch.Tensor]] = {name: [] for name in levels}
-    for shard_paths, tensors in iter_shards(out):
+    for shard_paths, tensors in _shards(out, meta, state):
         paths.extend(shard_paths)
         for name in levels:
             parts[name].append(tensors[name])
@@ -444,4 +688,4 @@ def load_features(out_dir: PathLike) -> Features:
         name = lv["key"]
         result[name] = torch.cat(parts[name]) if parts[name] else torch.empty((0, *lv["shape"]), dtype=dtype)
     skipped = [(r["path"], r["skipped"]) for r in state.records if "skipped" in r]
-    return Features(paths, result, skipped, meta)
+    return Features(paths, result, skipped, meta, complete)
