@@ -7,7 +7,7 @@ import torch
 import featurezoo as fz
 from featurezoo.registry import model_module
 from tests.reference import load_meta
-from tests.zoo import HUGE_MODELS, META_ONLY_PARAMS, VALID_PADDED_SIZES, ref_args, zoo_models
+from tests.zoo import HUGE_MODELS, META_ONLY_PARAMS, VALID_PADDED_SIZES, ref_args, skip_init, zoo_models
 
 MODELS = zoo_models()
 # One square size and one odd, non-square one: reductions must round up like the convs do, per side.
@@ -19,7 +19,7 @@ def _num_params(model, trainable_only=True):
 
 
 def test_huge_model_list_is_complete():
-    with torch.device("meta"):
+    with torch.device("meta"), skip_init():
         counts = {n: _num_params(fz.create_model(n)) for n in MODELS}
     assert {n for n, c in counts.items() if c > META_ONLY_PARAMS} == HUGE_MODELS
 
@@ -33,7 +33,7 @@ def _feature_shapes(model, size, device):
 @pytest.mark.parametrize("name", MODELS)
 def test_feature_shapes_match_feature_info(name):
     device = "meta" if name in HUGE_MODELS else "cpu"
-    with torch.device(device):
+    with torch.device(device), skip_init():  # shapes only: the kernels run, the weights' values do not matter
         model = fz.create_model(name, features_only=True).eval()
     info = model.feature_info
     assert len(info) > 0
@@ -62,14 +62,14 @@ def test_feature_shapes_match_feature_info(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_parameter_count_equals_mindcv(name):
-    with torch.device("meta"):
+    with torch.device("meta"), skip_init():
         model = fz.create_model(name)
     assert _num_params(model) == load_meta(name, **ref_args(name))["trainable_params"]
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_feature_info_readable_without_weights(name):
-    with torch.device("meta"):
+    with torch.device("meta"), skip_init():
         full = fz.create_model(name)
     info = fz.get_feature_info(name)
     assert info == full.feature_info
@@ -78,7 +78,7 @@ def test_feature_info_readable_without_weights(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_truncation_and_state_dict_keys(name):
-    with torch.device("meta"):
+    with torch.device("meta"), skip_init():
         full = fz.create_model(name)
         first = fz.create_model(name, features_only=True, out_indices=[0])
         every = fz.create_model(name, features_only=True)
@@ -106,7 +106,7 @@ def test_output_stride_families():
 def test_output_stride_shapes(name):
     device = "meta"  # shapes only: the numbers are checked against timm in tests/test_output_stride_*.py
     for output_stride, size in ((16, 64), (8, (67, 83))):
-        with torch.device(device):
+        with torch.device(device), skip_init():
             model = fz.create_model(name, features_only=True, output_stride=output_stride).eval()
         info = model.feature_info
         assert max(info.reduction()) == output_stride

@@ -21,7 +21,7 @@ from featurezoo.fx import symbolic_trace
 from featurezoo.layers.fx_calls import FX_CALLS
 from featurezoo.onnx_export import export_onnx
 from featurezoo.registry import model_module
-from tests.zoo import zoo_models
+from tests.zoo import skip_init, zoo_models
 
 # Families torch.fx cannot trace even with featurezoo's tracer, and why; graph capture for them is
 # torch.export / torch.jit.trace (tested below). test_fx_every_model checks each one does fail.
@@ -98,7 +98,7 @@ def _representatives():
 def _covered_classes(family):
     classes = set()
     for name in REPRESENTATIVES[family]:
-        with torch.device("meta"):
+        with torch.device("meta"), skip_init():
             classes |= {type(m).__qualname__ for m in fz.create_model(name, features_only=True).modules()}
     return frozenset(classes)
 
@@ -136,7 +136,7 @@ def test_every_family_has_representatives():
 def test_fx_every_model(name):
     """Every model traces with torch.fx (plain, or featurezoo's tracer with leaves) on the meta
     device, keeping the model's own parameter names, or its family's reason is declared above."""
-    with torch.device("meta"):
+    with torch.device("meta"), skip_init():
         model = fz.create_model(name, features_only=True).eval()
     family = model_module(name)
     assert {type(m).__qualname__ for m in model.modules()} <= _covered_classes(family)
