@@ -11,13 +11,16 @@ directory and the summary are the engines' shared :mod:`.plan`. See
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import math
 import os
 import queue
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -29,7 +32,7 @@ from .plan import (ExtractSummary, OutIndices, Plan, already_complete, build_fea
                    versions, warn_random_init)
 from .store import FeatureStore
 
-__all__ = ["extract_features", "choose_workers", "default_workers", "ENGINES"]
+__all__ = ["extract_features", "choose_workers", "default_workers", "default_decode_threads", "ENGINES"]
 
 _logger = logging.getLogger(__name__)
 
@@ -74,12 +77,19 @@ def choose_workers(decode_per_model: float, device: torch.device, cores: Optiona
 
 # -- the run ---------------------------------------------------------------------------------------
 class _Writer:
-    """Writes shards on a background thread, in order, so that disk I/O overlaps compute."""
+    """Writes shards on a background thread, in order, so that disk I/O overlaps compute.
 
-    def __init__(self, store: FeatureStore, depth: int = 2):
+    Tensors are cast to ``store_dtype`` here, off the model's thread (torch
+    releases the GIL for the copy). ``waited`` is the time the model's thread
+    spent blocked on a full queue: the run was writer-bound for that long.
+    """
+
+    def __init__(self, store: FeatureStore, depth: int = 2, store_dtype: Optional[torch.dtype] = None):
         self.store = store
+        self.store_dtype = store_dtype
         self.queue: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=depth)
         self.error: Optional[BaseException] = None
+        self.waited = 0.0
         self.thread = threading.Thread(target=self._run, name="featurezoo-shard-writer", daemon=True)
         self.thread.start()
 
@@ -90,13 +100,18 @@ class _Writer:
                 return
             if self.error is None:
                 try:
-                    self.store.write_batch(*item)
+                    k, tensors, rows, skipped = item
+                    if self.store_dtype is not None:
+                        tensors = {name: t.to(self.store_dtype) for name, t in tensors.items()}
+                    self.store.write_batch(k, tensors, rows, skipped)
                 except BaseException as e:  # handed to the main thread, which raises it
                     self.error = e
 
     def put(self, *item: Any) -> None:
         self._raise()
+        t0 = time.perf_counter()
         self.queue.put(item)
+        self.waited += time.perf_counter() - t0
 
     def close(self) -> None:
         self.queue.put(None)
@@ -108,6 +123,46 @@ class _Writer:
             raise self.error
 
 
+def default_decode_threads(cores: Optional[int] = None) -> int:
+    """Decoding threads in this process: one per core beyond the first, at least one, at most 4."""
+    return max(1, min(4, (cores or available_cores()) - 1))
+
+
+@contextlib.contextmanager
+def _threaded(dataset: ImageBatches, ks: Sequence[int], threads: int, depth: int) -> Iterator[Iterator[tuple]]:
+    """Batches ``ks`` of ``dataset``, in order, decoded on ``threads`` background threads at most ``depth`` ahead.
+
+    Pillow's decoder and resampler, and numpy's copies, release the GIL, so the
+    decoding overlaps the model's forward (torch releases it too) without the
+    worker processes' start-up, pickling and extra memory. On leaving the block
+    the batches not yet started are cancelled and the running ones finished.
+    """
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="featurezoo-decode")
+    futures: "collections.deque[Future]" = collections.deque()
+    todo = iter(ks)
+
+    def fill() -> None:
+        while len(futures) < depth:
+            k = next(todo, None)
+            if k is None:
+                return
+            futures.append(pool.submit(dataset.__getitem__, k))
+
+    def items() -> Iterator[tuple]:
+        fill()
+        while futures:
+            item = futures.popleft().result()
+            fill()
+            yield item
+
+    try:
+        yield items()
+    finally:
+        for f in futures:
+            f.cancel()
+        pool.shutdown(wait=True)
+
+
 def extract_features(
     model_name: str,
     inputs: Iterable[PathLike],
@@ -117,7 +172,9 @@ def extract_features(
     pool: str = "none",
     batch_size: int = 32,
     workers: Optional[int] = None,
+    decode_threads: Optional[int] = None,
     dtype: Union[str, torch.dtype] = "float32",
+    store_dtype: Union[str, torch.dtype, None] = None,
     device: Union[str, torch.device] = "cpu",
     checkpoint_path: PathLike = "",
     pretrained: bool = False,
@@ -148,7 +205,13 @@ def extract_features(
             first batches decoded in this process against the model and picks with
             :func:`choose_workers` (in-process when decoding is cheap next to the model).
             Local engine only.
-        dtype: model and stored dtype.
+        decode_threads: with no decoding processes, the threads that decode in this
+            process while the model runs (default :func:`default_decode_threads`);
+            0 decodes on the model's thread, between batches. Local engine only.
+        dtype: the model's dtype, and the stored one unless ``store_dtype``.
+        store_dtype: the stored features' dtype (default ``dtype``): ``"float16"``
+            halves what a float32 model writes. Recorded in ``meta.json``;
+            :func:`~featurezoo.extract.load_features` returns this dtype.
         checkpoint_path / pretrained: the weights; with neither the model is
             randomly initialised (seed :data:`RANDOM_INIT_SEED`) and a warning is logged.
         size: ``(H, W)`` of the model input; default the model's cfg.
@@ -167,11 +230,12 @@ def extract_features(
     (a ``ModuleNotFoundError``) says which extra to install, before anything is written.
     """
     common = dict(out_indices=out_indices, pool=pool, batch_size=batch_size, dtype=dtype,
-                  checkpoint_path=checkpoint_path, pretrained=pretrained, size=size, jpeg_draft=jpeg_draft)
+                  checkpoint_path=checkpoint_path, pretrained=pretrained, size=size, jpeg_draft=jpeg_draft,
+                  store_dtype=store_dtype)
     if engine == "ray":
-        if workers is not None:
-            raise ExtractError("workers (decoding processes) is for the local engine; with engine 'ray' images "
-                               "are decoded by Ray tasks on the cluster's CPUs")
+        if workers is not None or decode_threads is not None:
+            raise ExtractError("workers and decode_threads (decoding processes, threads) are for the local engine; "
+                               "with engine 'ray' images are decoded by Ray tasks on the cluster's CPUs")
         return ray_engine.extract_on_ray(model_name, inputs, out_dir, device=device, overwrite=overwrite,
                                          threads=threads, progress=progress, address=ray_address,
                                          model_workers=model_workers, cpus_per_worker=cpus_per_worker,
@@ -184,8 +248,9 @@ def extract_features(
     if given:
         raise ExtractError(f"{', '.join(given)} only apply to engine 'ray' (--engine ray); this run's engine is "
                            f"'local'")
-    if workers is not None and workers < 0:
-        raise ExtractError(f"workers must be >= 0, got {workers}")
+    for what, value in (("workers", workers), ("decode_threads", decode_threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ExtractError(f"{what} must be an integer >= 0 (or None: automatic), got {value!r}")
     job = check_arguments(model_name, inputs, out_dir, device=resolve_device(device), **common)
     plan = prepare(job, list_inputs(job), overwrite)
     done_already = already_complete(plan, "local")
@@ -197,13 +262,13 @@ def extract_features(
 
     done = plan.store.begin(overwrite=overwrite, versions=versions(), engine="local")
     try:
-        return _run(model, plan, done, workers, threads, progress)
+        return _run(model, plan, done, workers, threads, progress, decode_threads)
     finally:
         plan.store.close()
 
 
 def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], threads: Optional[int],
-         progress: bool) -> ExtractSummary:
+         progress: bool, decode_threads: Optional[int] = None) -> ExtractSummary:
     store, job = plan.store, plan.job
     preprocess, dev, dtype = job.preprocess, job.device, job.dtype
     dataset = ImageBatches(store.paths, store.batch_size, preprocess)
@@ -215,16 +280,19 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
     names = plan.level_keys
     bar = progress_bar(len(store.paths), before["rows"] + before["skipped"], progress)
     t0 = time.perf_counter()
-    writer = _Writer(store)
+    writer = _Writer(store, store_dtype=None if job.store_dtype == job.dtype else job.store_dtype)
     n_skipped = before["skipped"]
+    busy = {"model": 0.0, "input_wait": 0.0}
 
     def compute(k: int, batch: torch.Tensor, rows: List[int], skipped: List[Tuple[int, str]]) -> None:
         nonlocal n_skipped
+        t_start = time.perf_counter()
         outs: Dict[str, torch.Tensor] = {}
         if rows:
             x = preprocess.normalize(batch.to(dev, non_blocking=True), dtype)
             feats = pool_features(model(x), job.pool)
             outs = {name: f.to("cpu") for name, f in zip(names, feats)}
+        busy["model"] += time.perf_counter() - t_start
         for pos, reason in skipped:
             _logger.info("skipped %s: %s", store.paths[pos], reason)
         writer.put(k, outs, rows, skipped)
@@ -234,8 +302,19 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
                 bar.set_postfix(skipped=n_skipped, refresh=False)
             bar.update(len(rows) + len(skipped))
 
+    def consume(items: Iterable[tuple]) -> None:
+        it = iter(items)
+        while True:
+            t_wait = time.perf_counter()
+            item = next(it, None)
+            busy["input_wait"] += time.perf_counter() - t_wait
+            if item is None:
+                return
+            compute(*item)
+
     auto = workers is None
     n_workers, ratio = (0 if auto else workers), None
+    n_threads = 0
     try:
         with num_threads(threads), torch.inference_mode():
             if auto:  # time the first batches in this process, then choose
@@ -252,13 +331,19 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
                     _logger.info("decoding takes %s the model's time: %d decoding worker(s)",
                                  "?" if ratio is None else f"{ratio:.2f}x", n_workers)
             n_workers = min(n_workers, len(pending))
-            if pending:
+            if pending and n_workers:
                 loader = torch.utils.data.DataLoader(
                     dataset, batch_size=None, sampler=pending, num_workers=n_workers,
                     pin_memory=dev.type == "cuda", prefetch_factor=4 if n_workers else None,
                 )
-                for item in loader:
-                    compute(*item)
+                consume(loader)
+            elif pending:
+                n_threads = default_decode_threads() if decode_threads is None else decode_threads
+                if n_threads:
+                    with _threaded(dataset, pending, n_threads, depth=n_threads + 1) as items:
+                        consume(items)
+                else:
+                    consume(dataset[k] for k in pending)
     finally:
         try:
             writer.close()
@@ -267,7 +352,11 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
                 bar.close()
     seconds = time.perf_counter() - t0
     return finish(plan, before, done, seconds,
-                  {"workers": n_workers, "workers_auto": auto,
+                  {"workers": n_workers, "workers_auto": auto, "decode_threads": n_threads,
                    "decode_model_ratio": None if ratio is None else round(ratio, 4),
-                   "threads": threads or torch.get_num_threads(), "device": str(dev)},
+                   "threads": threads or torch.get_num_threads(), "device": str(dev),
+                   # where the time went: the model's thread computing, waiting for decoded batches, and
+                   # blocked on the shard writer (the rest is the progress bar, logging and start-up)
+                   "model_s": round(busy["model"], 3), "input_wait_s": round(busy["input_wait"], 3),
+                   "write_wait_s": round(writer.waited, 3)},
                   workers=n_workers)

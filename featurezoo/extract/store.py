@@ -54,8 +54,8 @@ META, INPUTS, INDEX, SHARDS, LOCK = "meta.json", "inputs.json", "index.jsonl", "
 _OWN_FILES = (META, INPUTS, INDEX, LOCK)
 
 # Settings whose change makes old rows incompatible with new ones, in the order they are reported.
-SETTING_KEYS = ("model", "weights", "out_indices", "pool", "dtype", "device", "size", "preprocessing",
-                "batch_size", "inputs", "levels")
+SETTING_KEYS = ("model", "weights", "out_indices", "pool", "dtype", "store_dtype", "device", "size",
+                "preprocessing", "batch_size", "inputs", "levels")
 
 
 def shard_name(batch: int) -> str:
@@ -438,7 +438,7 @@ def load_features(out_dir: PathLike) -> Features:
         paths.extend(shard_paths)
         for name in levels:
             parts[name].append(tensors[name])
-    dtype = getattr(torch, meta["settings"]["dtype"])
+    dtype = getattr(torch, meta["settings"].get("store_dtype", meta["settings"]["dtype"]))  # as stored
     result = {}
     for lv in meta["settings"]["levels"]:
         name = lv["key"]
