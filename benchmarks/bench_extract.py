@@ -87,7 +87,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--pool", default="none", choices=["none", "avg", "max"])
     ap.add_argument("--out-indices", default="pyramid", help="'pyramid', 'all' or e.g. 1,2,3")
     ap.add_argument("--workers", nargs="+", default=["auto"],
-                    help="decoding worker counts to compare: 'auto' (the default choice) or numbers")
+                    help="decoding settings to compare: 'auto' (the default choice), N decoding processes (0: "
+                         "decoding threads in this process, --decode-threads), or 'serial' (decoding on the "
+                         "model's thread between batches: workers=0, decode_threads=0)")
+    ap.add_argument("--decode-threads", type=int, default=None, help="decoding threads where workers is 0")
+    ap.add_argument("--store-dtype", default=None, choices=list(DTYPES), help="stored dtype (default: --dtype)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size")
@@ -133,8 +137,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: Dict[str, List[float]] = {"model": []}
     walls: Dict[str, List[float]] = {}
     chosen: List[int] = []
-    settings = [None if w == "auto" else int(w) for w in args.workers] if "local" in args.engines else []
-    runs = [(f"extract w={w}", dict(workers=setting)) for w, setting in zip(args.workers, settings)]
+    def setting(w: str) -> dict:
+        if w == "auto":
+            return dict(workers=None, decode_threads=args.decode_threads)
+        if w == "serial":
+            return dict(workers=0, decode_threads=0)
+        return dict(workers=int(w), decode_threads=args.decode_threads if w == "0" else None)
+
+    runs = [(f"extract w={w}", setting(w)) for w in args.workers] if "local" in args.engines else []
     if "ray" in args.engines:
         import ray
 
@@ -144,7 +154,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, _ in runs:
         results[name], walls[name] = [], []
     common = dict(out_indices=indices, pool=args.pool, batch_size=args.batch_size, dtype=args.dtype,
-                  device=args.device, size=size, jpeg_draft=not args.no_draft, overwrite=True, threads=args.threads)
+                  device=args.device, size=size, jpeg_draft=not args.no_draft, overwrite=True, threads=args.threads,
+                  store_dtype=args.store_dtype)
+    splits: Dict[str, List[dict]] = {}
     for r in range(args.repeats):
         results["model"].append(model_only_rate(model, batches, args.pool, device))
         for name, engine_args in runs:
@@ -155,6 +167,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             results[name].append(s.new_images / s.seconds)
             if engine_args.get("workers", 0) is None:
                 chosen.append(s.workers)
+            with open(s.out_dir / "meta.json") as f:
+                last = json.load(f)["runs"][-1]
+            splits.setdefault(name, []).append({k: last.get(k) for k in ("model_s", "input_wait_s", "write_wait_s")})
         print(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in results.items()), flush=True)
 
     base = statistics.median(results["model"])
@@ -167,6 +182,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{k:18} {med:15.2f} {med / base:15.3f} {'' if wall is None else f'{wall:11.2f}'}")
     if chosen:
         print(f"auto chose {sorted(set(chosen))} worker(s)")
+    for name, split in splits.items():
+        if split[0]["model_s"] is not None:
+            print(f"{name}: model's thread in the model " + ", ".join(f"{d['model_s']:.2f}" for d in split) +
+                  " s; waiting for input " + ", ".join(f"{d['input_wait_s']:.2f}" for d in split) +
+                  " s; waiting for the writer " + ", ".join(f"{d['write_wait_s']:.2f}" for d in split) + " s")
     if "ray" in args.engines and len(runs) > 1:
         local = runs[0][0]
         ratio = statistics.median(results["extract ray"]) / statistics.median(results[local])
@@ -175,7 +195,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"including the Ray run's listing and model-actor start)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), decode_ms=decode_ms, results=rows, auto_workers=chosen), f, indent=1)
+            json.dump(dict(args=vars(args), decode_ms=decode_ms, results=rows, auto_workers=chosen, splits=splits), f,
+                      indent=1)
     return 0
 
 

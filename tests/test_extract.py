@@ -5,6 +5,7 @@ The kill-a-subprocess resume test is in test_cli.py.
 """
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import featurezoo as fz
 from featurezoo.extract import (ExtractError, Preprocess, build_feature_model, choose_workers, collect_inputs,
                                 extract_features, iter_shards, load_features)
 from featurezoo.extract.data import ImageBatches, SkippedImage
+from featurezoo.extract.run import _threaded
 
 MODEL = "resnet18"
 SIZE = (64, 64)
@@ -222,6 +224,44 @@ def test_rows_equal_the_feature_model_on_the_same_tensors(tmp_path, images):
     assert {"torch", "pillow", "featurezoo", "safetensors"} <= set(meta["versions"])
 
 
+def test_float16_store_holds_the_float32_rows_cast(tmp_path, images):
+    """store_dtype: the model runs in float32 (on batches decoded by 2 threads), the shards hold float16."""
+    out = tmp_path / "out"
+    extract_features(MODEL, [images], out, store_dtype="float16", **{**RUN, "out_indices": [1, 4]},
+                     decode_threads=2)
+    feats = load_features(out)
+    assert feats.meta["settings"]["dtype"] == "float32" and feats.meta["settings"]["store_dtype"] == "float16"
+    with safe_open(str(out / "shards" / "000000.safetensors"), framework="pt") as f:
+        assert f.get_slice(f.keys()[0]).get_dtype() == "F16"
+    model = build_feature_model(MODEL, [1, 4])
+    want = _direct(model, feats.paths, Preprocess.from_cfg(model.default_cfg, SIZE), RUN["batch_size"])
+    for got, w in zip(feats.levels.values(), want):
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got, w.half(), rtol=0, atol=0)
+
+
+class _SlowBatches:
+    """A stand-in for ImageBatches whose batches take uneven times, recording which were started."""
+
+    def __init__(self, delays):
+        self.delays, self.started = delays, []
+
+    def __getitem__(self, k):
+        self.started.append(k)
+        time.sleep(self.delays[k])
+        return (k, None, [k], [])
+
+
+def test_decoding_threads_keep_batch_order_and_a_bound():
+    batches = _SlowBatches([0.03, 0.0, 0.02, 0.0, 0.01, 0.0])
+    with _threaded(batches, [1, 0, 2, 3, 4, 5], threads=3, depth=3) as items:
+        got = [next(items)[0] for _ in range(2)]  # leave early: the rest is cancelled, not decoded
+    assert got == [1, 0]
+    assert len(batches.started) <= 5  # at most depth=3 batches ahead of the 2 taken
+    with _threaded(batches, [5, 4, 3, 2, 1, 0], threads=3, depth=2) as items:
+        assert [item[0] for item in items] == [5, 4, 3, 2, 1, 0]
+
+
 def test_pooled_rows_and_dtype(tmp_path, images):
     out = tmp_path / "out"
     extract_features(MODEL, [images], out, pool="avg", dtype="bfloat16", out_indices=[-2, -1], size=SIZE,
@@ -311,6 +351,7 @@ def test_a_finished_run_is_not_redone(tmp_path, images):
     (dict(size=(48, 48)), "size", [48, 48]),
     (dict(dtype="bfloat16"), "dtype", "bfloat16"),
     (dict(batch_size=2), "batch_size", 2),
+    (dict(store_dtype="float16"), "store_dtype", "float16"),
 ])
 def test_different_settings_refuse_to_mix(tmp_path, images, change, setting, stored):
     out = tmp_path / "out"
@@ -359,6 +400,8 @@ def test_output_folder_inside_the_input_folder_is_not_an_input(tmp_path, images)
     (dict(out_indices=[1, 1]), "twice"),
     (dict(pool="mean"), "pool 'mean' is not valid"),
     (dict(dtype="float64"), "dtype 'float64' is not supported"),
+    (dict(store_dtype="int8"), "store dtype 'int8' is not supported; valid: float32, float16, bfloat16"),
+    (dict(decode_threads=-1), "decode_threads must be an integer >= 0"),
     (dict(batch_size=0), "batch size must be a positive integer"),
     (dict(checkpoint_path="nope.pt"), "checkpoint 'nope.pt' does not exist"),
     (dict(device="tpu"), "device 'tpu'"),
