@@ -93,6 +93,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--decode-threads", type=int, default=None, help="decoding threads where workers is 0")
     ap.add_argument("--store-dtype", default=None, choices=list(DTYPES), help="stored dtype (default: --dtype)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--extract-threads", default=None,
+                    help="the model's torch threads in the extraction runs: a number, or 'auto' (extract_features "
+                         "chooses); default --threads, as for the model alone")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size")
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "featurezoo-bench-extract"),
@@ -154,7 +157,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, _ in runs:
         results[name], walls[name] = [], []
     common = dict(out_indices=indices, pool=args.pool, batch_size=args.batch_size, dtype=args.dtype,
-                  device=args.device, size=size, jpeg_draft=not args.no_draft, overwrite=True, threads=args.threads,
+                  device=args.device, size=size, jpeg_draft=not args.no_draft, overwrite=True,
+                  threads=args.threads if args.extract_threads is None else
+                  None if args.extract_threads == "auto" else int(args.extract_threads),
                   store_dtype=args.store_dtype)
     splits: Dict[str, List[dict]] = {}
     for r in range(args.repeats):
@@ -169,7 +174,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 chosen.append(s.workers)
             with open(s.out_dir / "meta.json") as f:
                 last = json.load(f)["runs"][-1]
-            splits.setdefault(name, []).append({k: last.get(k) for k in ("model_s", "input_wait_s", "write_wait_s")})
+            splits.setdefault(name, []).append({k: last.get(k) for k in ("model_s", "input_wait_s", "write_wait_s",
+                                                                          "threads", "decode_threads", "workers")})
         print(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in results.items()), flush=True)
 
     base = statistics.median(results["model"])
@@ -186,7 +192,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if split[0]["model_s"] is not None:
             print(f"{name}: model's thread in the model " + ", ".join(f"{d['model_s']:.2f}" for d in split) +
                   " s; waiting for input " + ", ".join(f"{d['input_wait_s']:.2f}" for d in split) +
-                  " s; waiting for the writer " + ", ".join(f"{d['write_wait_s']:.2f}" for d in split) + " s")
+                  " s; waiting for the writer " + ", ".join(f"{d['write_wait_s']:.2f}" for d in split) + " s; "
+                  f"model threads {split[-1]['threads']}, decoding threads {split[-1]['decode_threads']}, "
+                  f"processes {split[-1]['workers']}")
     if "ray" in args.engines and len(runs) > 1:
         local = runs[0][0]
         ratio = statistics.median(results["extract ray"]) / statistics.median(results[local])

@@ -18,7 +18,7 @@ import featurezoo as fz
 from featurezoo.extract import (ExtractError, Preprocess, build_feature_model, choose_workers, collect_inputs,
                                 extract_features, iter_shards, load_features)
 from featurezoo.extract.data import ImageBatches, SkippedImage
-from featurezoo.extract.run import _threaded
+from featurezoo.extract.run import Decoding, _threaded, choose_decoding
 
 MODEL = "resnet18"
 SIZE = (64, 64)
@@ -201,6 +201,17 @@ def test_auto_workers_decode_in_process_when_decoding_is_cheap():
     assert choose_workers(0.01, cuda, cores=16) == 1 and choose_workers(40.0, cuda, cores=16) == 15
 
 
+def test_auto_decoding_on_a_cpu_uses_threads_and_splits_the_cores():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_decoding(0.06, cpu, cores=2) == Decoding(0, 1, None)  # resnet50: one thread, model keeps its cores
+    assert choose_decoding(0.8, cpu, cores=2) == Decoding(0, 1, 1)  # mobilenet_v3_small: one core each
+    assert choose_decoding(0.5, cpu, cores=16) == Decoding(0, 5, 11)  # 16 * 0.5 / 1.5 = 5.3
+    assert choose_decoding(9.0, cpu, cores=4) == Decoding(0, 3, 1)  # the model keeps a core
+    assert choose_decoding(2.5, cpu, cores=16, model_threads=8) == Decoding(0, 3, None)  # threads given: kept
+    assert choose_decoding(0.8, cpu, cores=1) == Decoding(0, 1, None)
+    assert choose_decoding(0.01, cuda, cores=16) == Decoding(1, 0, None)  # GPU: processes, as choose_workers
+
+
 # -- extraction ----------------------------------------------------------------------------------------------
 def test_rows_equal_the_feature_model_on_the_same_tensors(tmp_path, images):
     """With a checkpoint: stored rows == the model loaded from it, called on the same preprocessed batches."""
@@ -225,16 +236,19 @@ def test_rows_equal_the_feature_model_on_the_same_tensors(tmp_path, images):
 
 
 def test_float16_store_holds_the_float32_rows_cast(tmp_path, images):
-    """store_dtype: the model runs in float32 (on batches decoded by 2 threads), the shards hold float16."""
+    """store_dtype: the model runs in float32, the shards hold float16; automatic decoding (after 2 probe batches)."""
     out = tmp_path / "out"
-    extract_features(MODEL, [images], out, store_dtype="float16", **{**RUN, "out_indices": [1, 4]},
-                     decode_threads=2)
+    threads = torch.get_num_threads()
+    extract_features(MODEL, [images], out, store_dtype="float16", **{**RUN, "out_indices": [1, 4], "workers": None,
+                                                                      "batch_size": 2})
+    assert torch.get_num_threads() == threads
     feats = load_features(out)
+    assert feats.meta["runs"][-1]["workers"] == 0 and feats.meta["runs"][-1]["decode_threads"] >= 1
     assert feats.meta["settings"]["dtype"] == "float32" and feats.meta["settings"]["store_dtype"] == "float16"
     with safe_open(str(out / "shards" / "000000.safetensors"), framework="pt") as f:
         assert f.get_slice(f.keys()[0]).get_dtype() == "F16"
     model = build_feature_model(MODEL, [1, 4])
-    want = _direct(model, feats.paths, Preprocess.from_cfg(model.default_cfg, SIZE), RUN["batch_size"])
+    want = _direct(model, feats.paths, Preprocess.from_cfg(model.default_cfg, SIZE), 2)
     for got, w in zip(feats.levels.values(), want):
         assert got.dtype == torch.float16
         torch.testing.assert_close(got, w.half(), rtol=0, atol=0)

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ from .plan import (ExtractSummary, OutIndices, Plan, already_complete, build_fea
                    versions, warn_random_init)
 from .store import FeatureStore
 
-__all__ = ["extract_features", "choose_workers", "default_workers", "default_decode_threads", "ENGINES"]
+__all__ = ["extract_features", "choose_workers", "choose_decoding", "Decoding", "default_workers", "ENGINES"]
 
 _logger = logging.getLogger(__name__)
 
@@ -73,6 +73,44 @@ def choose_workers(decode_per_model: float, device: torch.device, cores: Optiona
         return 0
     cap = cores if device.type == "cpu" else cores - 1
     return max(1, min(cap, AUTO_MAX_WORKERS, math.ceil(1.5 * decode_per_model)))
+
+
+class Decoding(NamedTuple):
+    """How a run decodes: processes, or (with none) threads in this process; and the model's torch threads."""
+
+    workers: int  # decoding processes (DataLoader workers)
+    threads: int  # decoding threads in this process, when workers is 0 (0: between batches, on the model's thread)
+    model_threads: Optional[int]  # torch threads for the model; None: unchanged
+
+
+def choose_decoding(decode_per_model: float, device: torch.device, cores: Optional[int] = None,
+                    model_threads: Optional[int] = None) -> Decoding:
+    """The decoding of a run whose decoding takes ``decode_per_model`` times the model's time (``workers=None``).
+
+    On a GPU, decoding processes as :func:`choose_workers` says (the model
+    leaves the cores to them). On a CPU, decoding runs on threads of this
+    process (Pillow's decoder and resampler release the GIL; no process
+    start-up, pickling or copies) while the model runs:
+
+    * cheap decoding (under :data:`AUTO_MIN_DECODE_SHARE` of the model's time):
+      one thread, which fills the model's idle moments, and the model keeps
+      its threads;
+    * otherwise, if ``model_threads`` was given, enough threads to keep up
+      (``ceil(r)``, at most one per core); if not, the cores are split in
+      proportion to the two times: ``round(cores * r / (1 + r))`` decoding
+      threads (at least 1, at most ``cores - 1``) and the rest for the model.
+      A decoding thread that competes with every model thread for the cores
+      stalls the model's parallel regions (each waits for its slowest thread).
+    """
+    cores = cores or available_cores()
+    if device.type != "cpu":
+        return Decoding(choose_workers(decode_per_model, device, cores), 0, None)
+    if decode_per_model < AUTO_MIN_DECODE_SHARE or cores < 2:
+        return Decoding(0, 1, None)
+    if model_threads:
+        return Decoding(0, max(1, min(cores, AUTO_MAX_WORKERS, math.ceil(decode_per_model))), None)
+    n = max(1, min(cores - 1, AUTO_MAX_WORKERS, round(cores * decode_per_model / (1 + decode_per_model))))
+    return Decoding(0, n, cores - n)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -121,11 +159,6 @@ class _Writer:
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
-
-
-def default_decode_threads(cores: Optional[int] = None) -> int:
-    """Decoding threads in this process: one per core beyond the first, at least one, at most 4."""
-    return max(1, min(4, (cores or available_cores()) - 1))
 
 
 @contextlib.contextmanager
@@ -201,13 +234,15 @@ def extract_features(
             ``overwrite``, which deletes the old features first.
         out_indices: as for ``create_model``: ints, ``None`` (all) or ``"pyramid"``.
         pool: ``"none"`` stores ``(C, H, W)`` maps, ``"avg"``/``"max"`` store ``(C,)`` vectors.
-        workers: decoding processes; 0 decodes in this process; ``None`` (auto) times the
-            first batches decoded in this process against the model and picks with
-            :func:`choose_workers` (in-process when decoding is cheap next to the model).
+        workers: decoding processes; 0 decodes in this process, on ``decode_threads``
+            threads; ``None`` (auto) times the first batches decoded in this process
+            against the model and picks with :func:`choose_decoding` (on a CPU:
+            threads, and with ``threads=None`` the model's share of the cores).
             Local engine only.
         decode_threads: with no decoding processes, the threads that decode in this
-            process while the model runs (default :func:`default_decode_threads`);
-            0 decodes on the model's thread, between batches. Local engine only.
+            process while the model runs (default: 1, or with ``workers=None`` as
+            :func:`choose_decoding` says); 0 decodes on the model's thread, between
+            batches. Local engine only.
         dtype: the model's dtype, and the stored one unless ``store_dtype``.
         store_dtype: the stored features' dtype (default ``dtype``): ``"float16"``
             halves what a float32 model writes. Recorded in ``meta.json``;
@@ -217,8 +252,9 @@ def extract_features(
         size: ``(H, W)`` of the model input; default the model's cfg.
         jpeg_draft: let JPEGs decode at a reduced scale when they are at least
             twice the size needed (faster, very slightly different pixels).
-        threads: torch threads for the model during the run (default: unchanged;
-            on a Ray cluster: each model worker's, default ``cpus_per_worker``).
+        threads: torch threads for the model during the run (default: unchanged, or
+            with ``workers=None`` the cores decoding leaves; on a Ray cluster: each
+            model worker's, default ``cpus_per_worker``).
         progress: show a progress bar (images/s) on stderr (needs tqdm).
         engine: ``"local"`` (this machine) or ``"ray"`` (a Ray cluster through Ray Data,
             :mod:`featurezoo.extract.ray_engine`; needs ``featurezoo[ray]``). Both
@@ -313,8 +349,8 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
             compute(*item)
 
     auto = workers is None
-    n_workers, ratio = (0 if auto else workers), None
-    n_threads = 0
+    choice = Decoding(workers or 0, 1 if decode_threads is None else decode_threads, None)
+    ratio = None
     try:
         with num_threads(threads), torch.inference_mode():
             if auto:  # time the first batches in this process, then choose
@@ -327,23 +363,27 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
                     if item[2]:  # the last probe batch with images: after the first, warm-up is over
                         ratio = (t_decoded - t_start) / max(time.perf_counter() - t_decoded, 1e-9)
                 if pending:
-                    n_workers = default_workers() if ratio is None else choose_workers(ratio, dev)
-                    _logger.info("decoding takes %s the model's time: %d decoding worker(s)",
-                                 "?" if ratio is None else f"{ratio:.2f}x", n_workers)
-            n_workers = min(n_workers, len(pending))
-            if pending and n_workers:
-                loader = torch.utils.data.DataLoader(
-                    dataset, batch_size=None, sampler=pending, num_workers=n_workers,
-                    pin_memory=dev.type == "cuda", prefetch_factor=4 if n_workers else None,
-                )
-                consume(loader)
-            elif pending:
-                n_threads = default_decode_threads() if decode_threads is None else decode_threads
-                if n_threads:
-                    with _threaded(dataset, pending, n_threads, depth=n_threads + 1) as items:
+                    choice = Decoding(default_workers(), 0, None) if ratio is None else \
+                        choose_decoding(ratio, dev, model_threads=threads)
+                    if decode_threads is not None and not choice.workers:
+                        choice = choice._replace(threads=decode_threads)
+                    _logger.info("decoding takes %s the model's time: %d decoding process(es), %d thread(s); "
+                                 "model threads %s", "?" if ratio is None else f"{ratio:.2f}x", choice.workers,
+                                 choice.threads, choice.model_threads or "unchanged")
+            choice = choice._replace(workers=min(choice.workers, len(pending)))
+            with num_threads(choice.model_threads):
+                if pending and choice.workers:
+                    loader = torch.utils.data.DataLoader(
+                        dataset, batch_size=None, sampler=pending, num_workers=choice.workers,
+                        pin_memory=dev.type == "cuda", prefetch_factor=4,
+                    )
+                    consume(loader)
+                elif pending and choice.threads:
+                    with _threaded(dataset, pending, choice.threads, depth=choice.threads + 1) as items:
                         consume(items)
-                else:
+                elif pending:
                     consume(dataset[k] for k in pending)
+                model_threads = torch.get_num_threads()
     finally:
         try:
             writer.close()
@@ -352,11 +392,12 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
                 bar.close()
     seconds = time.perf_counter() - t0
     return finish(plan, before, done, seconds,
-                  {"workers": n_workers, "workers_auto": auto, "decode_threads": n_threads,
+                  {"workers": choice.workers, "workers_auto": auto,
+                   "decode_threads": 0 if choice.workers else choice.threads,
                    "decode_model_ratio": None if ratio is None else round(ratio, 4),
-                   "threads": threads or torch.get_num_threads(), "device": str(dev),
+                   "threads": model_threads, "device": str(dev),
                    # where the time went: the model's thread computing, waiting for decoded batches, and
                    # blocked on the shard writer (the rest is the progress bar, logging and start-up)
                    "model_s": round(busy["model"], 3), "input_wait_s": round(busy["input_wait"], 3),
                    "write_wait_s": round(writer.waited, 3)},
-                  workers=n_workers)
+                  workers=choice.workers)
