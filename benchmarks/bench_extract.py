@@ -26,6 +26,7 @@ fields plus noise, which decode about as fast as photos of that size.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -59,6 +60,58 @@ def make_images(folder: Path, n: int, width: int, height: int) -> List[Path]:
         img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(path, quality=90)
     return paths
+
+
+def compare_decoders(paths: List[Path], pre: Preprocess, repeats: int) -> None:
+    """CPU time (this thread's: robust to a loaded machine) per image of decoding + resize + crop, per decoder.
+
+    The candidates: Pillow with ``draft`` (what featurezoo uses), Pillow at full size,
+    simplejpeg decoding at the same DCT scale (1/2, 1/4, 1/8) as ``draft`` and, with
+    ``fastdct``/``fastupsample``, faster and with other pixels, and torchvision's
+    ``decode_jpeg`` (no reduced-scale decoding). Each resizes with Pillow as
+    featurezoo does; the pixels are compared with featurezoo's.
+    """
+    import io
+    import math
+
+    full = dataclasses.replace(pre, jpeg_draft=False)
+    crop = full.apply  # the same resize + centre crop, of a decoded image
+    candidates = {"pillow, draft (featurezoo)": lambda b: pre.apply(Image.open(io.BytesIO(b))),
+                  "pillow, full size": lambda b: full.apply(Image.open(io.BytesIO(b)))}
+    try:
+        import simplejpeg
+
+        def sj(b: bytes, fast: bool) -> np.ndarray:
+            h, w = simplejpeg.decode_jpeg_header(b)[:2]
+            scale = max(pre.resize[0] / h, pre.resize[1] / w)
+            f = 8 if scale < 1 / 8 else 4 if scale < 1 / 4 else 2 if scale < 1 / 2 else 1  # as draft chooses
+            return crop(Image.fromarray(simplejpeg.decode_jpeg(b, "RGB", fastdct=fast, fastupsample=fast,
+                                                               min_height=math.ceil(h / f),
+                                                               min_width=math.ceil(w / f))))
+        candidates[f"simplejpeg {simplejpeg.__version__}, same scale"] = lambda b: sj(b, False)
+        candidates["simplejpeg, + fastdct, fastupsample"] = lambda b: sj(b, True)
+    except ImportError:
+        print("simplejpeg not installed: not compared")
+    try:
+        from torchvision.io import decode_jpeg
+
+        candidates["torchvision decode_jpeg (full size)"] = lambda b: crop(Image.fromarray(
+            decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8)).permute(1, 2, 0).numpy()))
+    except ImportError:
+        print("torchvision not installed: not compared")
+    data = [p.read_bytes() for p in paths]
+    cpu_ms: Dict[str, List[float]] = {k: [] for k in candidates}
+    for _ in range(repeats):  # alternating
+        for name, decode in candidates.items():
+            t0 = time.thread_time()
+            for b in data:
+                decode(b)
+            cpu_ms[name].append((time.thread_time() - t0) / len(data) * 1e3)
+    ref = np.stack([candidates["pillow, draft (featurezoo)"](b) for b in data]).astype(np.int16)
+    print(f"{'decoder':38} {'CPU ms/image':>12} {'max |diff|':>10} {'mean |diff|':>11}")
+    for name, decode in candidates.items():
+        diff = np.abs(np.stack([decode(b) for b in data]).astype(np.int16) - ref)
+        print(f"{name:38} {statistics.median(cpu_ms[name]):12.2f} {diff.max():10d} {diff.mean():11.4f}")
 
 
 def model_only_rate(model, batches: List[torch.Tensor], pool: str, device: torch.device) -> float:
@@ -105,6 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--ray-address", default=None,
                     help="with --engines ray: a running cluster (default: a local Ray instance for the benchmark)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--decoders", action="store_true",
+                    help="instead: compare JPEG decoders' CPU time per image and pixels on the images")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -120,6 +175,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     _, indices, cfg, shapes = probe_model(args.model, out_indices, size)
     pre = Preprocess.from_cfg(cfg, size, jpeg_draft=not args.no_draft)
+    if args.decoders:
+        print(f"{args.model}: {len(paths)} JPEGs {width}x{height}, input {pre.size[0]}x{pre.size[1]}, "
+              f"{pre.interpolation}, median of {args.repeats}")
+        compare_decoders(paths, pre, args.repeats)
+        return 0
     model = build_feature_model(args.model, indices).to(device=device, dtype=dtype)
     t0 = time.perf_counter()
     decoded = [torch.from_numpy(pre.load(p)) for p in paths]
