@@ -222,13 +222,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                   None if args.extract_threads == "auto" else int(args.extract_threads),
                   store_dtype=args.store_dtype)
     splits: Dict[str, List[dict]] = {}
+    # CPU time of this process (all its threads; not decoding processes) per image: what a loaded machine
+    # changes least. The extraction's includes its start (model build, listing, probing).
+    cpu: Dict[str, List[float]] = {}
     for r in range(args.repeats):
+        c0 = time.process_time()
         results["model"].append(model_only_rate(model, batches, args.pool, device))
+        cpu.setdefault("model", []).append((time.process_time() - c0) / len(paths) * 1e3)
         for name, engine_args in runs:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             s = extract_features(args.model, [paths[0].parent], root / f"out_{name.split()[-1]}", **common,
                                  **engine_args)
             walls[name].append(s.new_images / (time.perf_counter() - t0))
+            cpu.setdefault(name, []).append((time.process_time() - c0) / s.new_images * 1e3)
             results[name].append(s.new_images / s.seconds)
             if engine_args.get("workers", 0) is None:
                 chosen.append(s.workers)
@@ -239,13 +245,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in results.items()), flush=True)
 
     base = statistics.median(results["model"])
-    print(f"{'':18} {'img/s (median)':>15} {'ratio to model':>15} {'wall img/s':>11}")
+    print(f"{'':18} {'img/s (median)':>15} {'ratio to model':>15} {'wall img/s':>11} {'CPU ms/img':>11}")
     rows = []
     for k, v in results.items():
         med = statistics.median(v)
         wall = statistics.median(walls[k]) if k in walls else None
-        rows.append(dict(setting=k, rate=med, ratio=med / base, runs=v, wall_rate=wall, wall_runs=walls.get(k)))
-        print(f"{k:18} {med:15.2f} {med / base:15.3f} {'' if wall is None else f'{wall:11.2f}'}")
+        c = statistics.median(cpu[k]) if k in cpu else None
+        rows.append(dict(setting=k, rate=med, ratio=med / base, runs=v, wall_rate=wall, wall_runs=walls.get(k),
+                         cpu_ms=c))
+        print(f"{k:18} {med:15.2f} {med / base:15.3f} {'' if wall is None else f'{wall:11.2f}':>11} "
+              f"{'' if c is None else f'{c:11.1f}'}")
     if chosen:
         print(f"auto chose {sorted(set(chosen))} worker(s)")
     for name, split in splits.items():

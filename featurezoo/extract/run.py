@@ -1,10 +1,12 @@
 """The extraction run: :func:`extract_features`, and its local engine.
 
-``extract_features(..., engine="local")`` (the default) runs on this machine:
-images are decoded (:mod:`.data`) in DataLoader workers while the model
-runs, or, where decoding is cheap next to the model and cores are few, in
-this process, which is faster there (:func:`choose_workers`). Shards are
-written by a background thread (:mod:`.store`). ``engine="ray"`` hands the
+``extract_features(..., engine="local")`` (the default) runs on this machine
+as a bounded pipeline of three stages that overlap: images are decoded
+(:mod:`.data`) a few batches ahead, on threads of this process (or in
+DataLoader worker processes); the model runs on the main thread; a writer
+thread casts (``store_dtype``) and writes the shards (:mod:`.store`). How
+decoding runs, and on a CPU how the cores are split between decoding and the
+model, is chosen from the first batches' timings (:func:`choose_decoding`). ``engine="ray"`` hands the
 same plan to :mod:`.ray_engine`. The checks, the settings, the output
 directory and the summary are the engines' shared :mod:`.plan`. See
 ``benchmarks/bench_extract.py``.
