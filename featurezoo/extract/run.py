@@ -247,8 +247,9 @@ def extract_features(
             batches. Local engine only.
         dtype: the model's dtype, and the stored one unless ``store_dtype``.
         store_dtype: the stored features' dtype (default ``dtype``): ``"float16"``
-            halves what a float32 model writes. Recorded in ``meta.json``;
-            :func:`~featurezoo.extract.load_features` returns this dtype.
+            halves what a float32 model writes (values beyond float16's 65504 become
+            inf). Recorded in ``meta.json``; :func:`~featurezoo.extract.load_features`
+            returns this dtype.
         checkpoint_path / pretrained: the weights; with neither the model is
             randomly initialised (seed :data:`RANDOM_INIT_SEED`) and a warning is logged.
         size: ``(H, W)`` of the model input; default the model's cfg.
