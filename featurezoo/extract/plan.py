@@ -250,7 +250,8 @@ def check_arguments(model_name: str, inputs: Iterable[PathLike], out_dir: PathLi
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ExtractError(f"batch size must be a positive integer, got {batch_size!r}")
     dtype_name, torch_dtype = resolve_dtype(dtype)
-    store_name, store_torch = (dtype_name, torch_dtype) if store_dtype is None else resolve_dtype(store_dtype, "store dtype")
+    store_name, store_torch = (dtype_name, torch_dtype) if store_dtype is None else \
+        resolve_dtype(store_dtype, "store dtype")
     info, indices, cfg, shapes = probe_model(model_name, out_indices, size)
     preprocess = Preprocess.from_cfg(cfg, size, jpeg_draft=jpeg_draft)
     weights = weights_setting(checkpoint_path, pretrained)
