@@ -26,6 +26,7 @@ fields plus noise, which decode about as fast as photos of that size.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -61,6 +62,58 @@ def make_images(folder: Path, n: int, width: int, height: int) -> List[Path]:
     return paths
 
 
+def compare_decoders(paths: List[Path], pre: Preprocess, repeats: int) -> None:
+    """CPU time (this thread's: robust to a loaded machine) per image of decoding + resize + crop, per decoder.
+
+    The candidates: Pillow with ``draft`` (what featurezoo uses), Pillow at full size,
+    simplejpeg decoding at the same DCT scale (1/2, 1/4, 1/8) as ``draft`` and, with
+    ``fastdct``/``fastupsample``, faster and with other pixels, and torchvision's
+    ``decode_jpeg`` (no reduced-scale decoding). Each resizes with Pillow as
+    featurezoo does; the pixels are compared with featurezoo's.
+    """
+    import io
+    import math
+
+    full = dataclasses.replace(pre, jpeg_draft=False)
+    crop = full.apply  # the same resize + centre crop, of a decoded image
+    candidates = {"pillow, draft (featurezoo)": lambda b: pre.apply(Image.open(io.BytesIO(b))),
+                  "pillow, full size": lambda b: full.apply(Image.open(io.BytesIO(b)))}
+    try:
+        import simplejpeg
+
+        def sj(b: bytes, fast: bool) -> np.ndarray:
+            h, w = simplejpeg.decode_jpeg_header(b)[:2]
+            scale = max(pre.resize[0] / h, pre.resize[1] / w)
+            f = 8 if scale < 1 / 8 else 4 if scale < 1 / 4 else 2 if scale < 1 / 2 else 1  # as draft chooses
+            return crop(Image.fromarray(simplejpeg.decode_jpeg(b, "RGB", fastdct=fast, fastupsample=fast,
+                                                               min_height=math.ceil(h / f),
+                                                               min_width=math.ceil(w / f))))
+        candidates[f"simplejpeg {simplejpeg.__version__}, same scale"] = lambda b: sj(b, False)
+        candidates["simplejpeg, + fastdct, fastupsample"] = lambda b: sj(b, True)
+    except ImportError:
+        print("simplejpeg not installed: not compared")
+    try:
+        from torchvision.io import decode_jpeg
+
+        candidates["torchvision decode_jpeg (full size)"] = lambda b: crop(Image.fromarray(
+            decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8)).permute(1, 2, 0).numpy()))
+    except ImportError:
+        print("torchvision not installed: not compared")
+    data = [p.read_bytes() for p in paths]
+    cpu_ms: Dict[str, List[float]] = {k: [] for k in candidates}
+    for _ in range(repeats):  # alternating
+        for name, decode in candidates.items():
+            t0 = time.thread_time()
+            for b in data:
+                decode(b)
+            cpu_ms[name].append((time.thread_time() - t0) / len(data) * 1e3)
+    ref = np.stack([candidates["pillow, draft (featurezoo)"](b) for b in data]).astype(np.int16)
+    print(f"{'decoder':38} {'CPU ms/image':>12} {'max |diff|':>10} {'mean |diff|':>11}")
+    for name, decode in candidates.items():
+        diff = np.abs(np.stack([decode(b) for b in data]).astype(np.int16) - ref)
+        print(f"{name:38} {statistics.median(cpu_ms[name]):12.2f} {diff.max():10d} {diff.mean():11.4f}")
+
+
 def model_only_rate(model, batches: List[torch.Tensor], pool: str, device: torch.device) -> float:
     """Images/s of the forward (plus pooling, as extraction does) on preloaded input tensors."""
     n = sum(b.shape[0] for b in batches)
@@ -87,8 +140,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--pool", default="none", choices=["none", "avg", "max"])
     ap.add_argument("--out-indices", default="pyramid", help="'pyramid', 'all' or e.g. 1,2,3")
     ap.add_argument("--workers", nargs="+", default=["auto"],
-                    help="decoding worker counts to compare: 'auto' (the default choice) or numbers")
+                    help="decoding settings to compare: 'auto' (the default choice), N decoding processes (0: "
+                         "decoding threads in this process, --decode-threads), or 'serial' (decoding on the "
+                         "model's thread between batches: workers=0, decode_threads=0)")
+    ap.add_argument("--decode-threads", type=int, default=None, help="decoding threads where workers is 0")
+    ap.add_argument("--store-dtype", default=None, choices=list(DTYPES), help="stored dtype (default: --dtype)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--extract-threads", default=None,
+                    help="the model's torch threads in the extraction runs: a number, or 'auto' (extract_features "
+                         "chooses); default --threads, as for the model alone")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size")
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "featurezoo-bench-extract"),
@@ -98,6 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--ray-address", default=None,
                     help="with --engines ray: a running cluster (default: a local Ray instance for the benchmark)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--decoders", action="store_true",
+                    help="instead: compare JPEG decoders' CPU time per image and pixels on the images")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -113,6 +175,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     _, indices, cfg, shapes = probe_model(args.model, out_indices, size)
     pre = Preprocess.from_cfg(cfg, size, jpeg_draft=not args.no_draft)
+    if args.decoders:
+        print(f"{args.model}: {len(paths)} JPEGs {width}x{height}, input {pre.size[0]}x{pre.size[1]}, "
+              f"{pre.interpolation}, median of {args.repeats}")
+        compare_decoders(paths, pre, args.repeats)
+        return 0
     model = build_feature_model(args.model, indices).to(device=device, dtype=dtype)
     t0 = time.perf_counter()
     decoded = [torch.from_numpy(pre.load(p)) for p in paths]
@@ -133,8 +200,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: Dict[str, List[float]] = {"model": []}
     walls: Dict[str, List[float]] = {}
     chosen: List[int] = []
-    settings = [None if w == "auto" else int(w) for w in args.workers] if "local" in args.engines else []
-    runs = [(f"extract w={w}", dict(workers=setting)) for w, setting in zip(args.workers, settings)]
+    def setting(w: str) -> dict:
+        if w == "auto":
+            return dict(workers=None, decode_threads=args.decode_threads)
+        if w == "serial":
+            return dict(workers=0, decode_threads=0)
+        return dict(workers=int(w), decode_threads=args.decode_threads if w == "0" else None)
+
+    runs = [(f"extract w={w}", setting(w)) for w in args.workers] if "local" in args.engines else []
     if "ray" in args.engines:
         import ray
 
@@ -144,29 +217,53 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, _ in runs:
         results[name], walls[name] = [], []
     common = dict(out_indices=indices, pool=args.pool, batch_size=args.batch_size, dtype=args.dtype,
-                  device=args.device, size=size, jpeg_draft=not args.no_draft, overwrite=True, threads=args.threads)
+                  device=args.device, size=size, jpeg_draft=not args.no_draft, overwrite=True,
+                  threads=args.threads if args.extract_threads is None else
+                  None if args.extract_threads == "auto" else int(args.extract_threads),
+                  store_dtype=args.store_dtype)
+    splits: Dict[str, List[dict]] = {}
+    # CPU time of this process (all its threads; not decoding processes) per image: what a loaded machine
+    # changes least. The extraction's includes its start (model build, listing, probing).
+    cpu: Dict[str, List[float]] = {}
     for r in range(args.repeats):
+        c0 = time.process_time()
         results["model"].append(model_only_rate(model, batches, args.pool, device))
+        cpu.setdefault("model", []).append((time.process_time() - c0) / len(paths) * 1e3)
         for name, engine_args in runs:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             s = extract_features(args.model, [paths[0].parent], root / f"out_{name.split()[-1]}", **common,
                                  **engine_args)
             walls[name].append(s.new_images / (time.perf_counter() - t0))
+            cpu.setdefault(name, []).append((time.process_time() - c0) / s.new_images * 1e3)
             results[name].append(s.new_images / s.seconds)
             if engine_args.get("workers", 0) is None:
                 chosen.append(s.workers)
+            with open(s.out_dir / "meta.json") as f:
+                last = json.load(f)["runs"][-1]
+            splits.setdefault(name, []).append({k: last.get(k) for k in ("model_s", "input_wait_s", "write_wait_s",
+                                                                          "threads", "decode_threads", "workers")})
         print(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in results.items()), flush=True)
 
     base = statistics.median(results["model"])
-    print(f"{'':18} {'img/s (median)':>15} {'ratio to model':>15} {'wall img/s':>11}")
+    print(f"{'':18} {'img/s (median)':>15} {'ratio to model':>15} {'wall img/s':>11} {'CPU ms/img':>11}")
     rows = []
     for k, v in results.items():
         med = statistics.median(v)
         wall = statistics.median(walls[k]) if k in walls else None
-        rows.append(dict(setting=k, rate=med, ratio=med / base, runs=v, wall_rate=wall, wall_runs=walls.get(k)))
-        print(f"{k:18} {med:15.2f} {med / base:15.3f} {'' if wall is None else f'{wall:11.2f}'}")
+        c = statistics.median(cpu[k]) if k in cpu else None
+        rows.append(dict(setting=k, rate=med, ratio=med / base, runs=v, wall_rate=wall, wall_runs=walls.get(k),
+                         cpu_ms=c))
+        print(f"{k:18} {med:15.2f} {med / base:15.3f} {'' if wall is None else f'{wall:11.2f}':>11} "
+              f"{'' if c is None else f'{c:11.1f}'}")
     if chosen:
         print(f"auto chose {sorted(set(chosen))} worker(s)")
+    for name, split in splits.items():
+        if split[0]["model_s"] is not None:
+            print(f"{name}: model's thread in the model " + ", ".join(f"{d['model_s']:.2f}" for d in split) +
+                  " s; waiting for input " + ", ".join(f"{d['input_wait_s']:.2f}" for d in split) +
+                  " s; waiting for the writer " + ", ".join(f"{d['write_wait_s']:.2f}" for d in split) + " s; "
+                  f"model threads {split[-1]['threads']}, decoding threads {split[-1]['decode_threads']}, "
+                  f"processes {split[-1]['workers']}")
     if "ray" in args.engines and len(runs) > 1:
         local = runs[0][0]
         ratio = statistics.median(results["extract ray"]) / statistics.median(results[local])
@@ -175,7 +272,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"including the Ray run's listing and model-actor start)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), decode_ms=decode_ms, results=rows, auto_workers=chosen), f, indent=1)
+            json.dump(dict(args=vars(args), decode_ms=decode_ms, results=rows, auto_workers=chosen, splits=splits), f,
+                      indent=1)
     return 0
 
 

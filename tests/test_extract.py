@@ -5,6 +5,7 @@ The kill-a-subprocess resume test is in test_cli.py.
 """
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import featurezoo as fz
 from featurezoo.extract import (ExtractError, Preprocess, build_feature_model, choose_workers, collect_inputs,
                                 extract_features, iter_shards, load_features)
 from featurezoo.extract.data import ImageBatches, SkippedImage
+from featurezoo.extract.run import Decoding, _threaded, choose_decoding
 
 MODEL = "resnet18"
 SIZE = (64, 64)
@@ -199,6 +201,17 @@ def test_auto_workers_decode_in_process_when_decoding_is_cheap():
     assert choose_workers(0.01, cuda, cores=16) == 1 and choose_workers(40.0, cuda, cores=16) == 15
 
 
+def test_auto_decoding_on_a_cpu_uses_threads_and_splits_the_cores():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_decoding(0.06, cpu, cores=2) == Decoding(0, 1, None)  # resnet50: one thread, model keeps its cores
+    assert choose_decoding(0.8, cpu, cores=2) == Decoding(0, 1, 1)  # mobilenet_v3_small: one core each
+    assert choose_decoding(0.5, cpu, cores=16) == Decoding(0, 5, 11)  # 16 * 0.5 / 1.5 = 5.3
+    assert choose_decoding(9.0, cpu, cores=4) == Decoding(0, 3, 1)  # the model keeps a core
+    assert choose_decoding(2.5, cpu, cores=16, model_threads=8) == Decoding(0, 3, None)  # threads given: kept
+    assert choose_decoding(0.8, cpu, cores=1) == Decoding(0, 1, None)
+    assert choose_decoding(0.01, cuda, cores=16) == Decoding(1, 0, None)  # GPU: processes, as choose_workers
+
+
 # -- extraction ----------------------------------------------------------------------------------------------
 def test_rows_equal_the_feature_model_on_the_same_tensors(tmp_path, images):
     """With a checkpoint: stored rows == the model loaded from it, called on the same preprocessed batches."""
@@ -220,6 +233,47 @@ def test_rows_equal_the_feature_model_on_the_same_tensors(tmp_path, images):
     assert meta["settings"]["weights"]["source"] == "checkpoint"
     assert meta["settings"]["levels"][0]["shape"] == list(expected[0].shape[1:])
     assert {"torch", "pillow", "featurezoo", "safetensors"} <= set(meta["versions"])
+
+
+def test_float16_store_holds_the_float32_rows_cast(tmp_path, images):
+    """store_dtype: the model runs in float32, the shards hold float16; automatic decoding (after 2 probe batches)."""
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    extract_features(MODEL, [images], out, store_dtype="float16", **{**RUN, "out_indices": [1, 4], "workers": None,
+                                                                      "batch_size": 2})
+    assert torch.get_num_threads() == threads
+    feats = load_features(out)
+    assert feats.meta["runs"][-1]["workers"] == 0 and feats.meta["runs"][-1]["decode_threads"] >= 1
+    assert feats.meta["settings"]["dtype"] == "float32" and feats.meta["settings"]["store_dtype"] == "float16"
+    with safe_open(str(out / "shards" / "000000.safetensors"), framework="pt") as f:
+        assert f.get_slice(f.keys()[0]).get_dtype() == "F16"
+    model = build_feature_model(MODEL, [1, 4])
+    want = _direct(model, feats.paths, Preprocess.from_cfg(model.default_cfg, SIZE), 2)
+    for got, w in zip(feats.levels.values(), want):
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got, w.half(), rtol=0, atol=0)
+
+
+class _SlowBatches:
+    """A stand-in for ImageBatches whose batches take uneven times, recording which were started."""
+
+    def __init__(self, delays):
+        self.delays, self.started = delays, []
+
+    def __getitem__(self, k):
+        self.started.append(k)
+        time.sleep(self.delays[k])
+        return (k, None, [k], [])
+
+
+def test_decoding_threads_keep_batch_order_and_a_bound():
+    batches = _SlowBatches([0.03, 0.0, 0.02, 0.0, 0.01, 0.0])
+    with _threaded(batches, [1, 0, 2, 3, 4, 5], threads=3, depth=3) as items:
+        got = [next(items)[0] for _ in range(2)]  # leave early: the rest is cancelled, not decoded
+    assert got == [1, 0]
+    assert len(batches.started) <= 5  # at most depth=3 batches ahead of the 2 taken
+    with _threaded(batches, [5, 4, 3, 2, 1, 0], threads=3, depth=2) as items:
+        assert [item[0] for item in items] == [5, 4, 3, 2, 1, 0]
 
 
 def test_pooled_rows_and_dtype(tmp_path, images):
@@ -311,6 +365,7 @@ def test_a_finished_run_is_not_redone(tmp_path, images):
     (dict(size=(48, 48)), "size", [48, 48]),
     (dict(dtype="bfloat16"), "dtype", "bfloat16"),
     (dict(batch_size=2), "batch_size", 2),
+    (dict(store_dtype="float16"), "store_dtype", "float16"),
 ])
 def test_different_settings_refuse_to_mix(tmp_path, images, change, setting, stored):
     out = tmp_path / "out"
@@ -359,6 +414,8 @@ def test_output_folder_inside_the_input_folder_is_not_an_input(tmp_path, images)
     (dict(out_indices=[1, 1]), "twice"),
     (dict(pool="mean"), "pool 'mean' is not valid"),
     (dict(dtype="float64"), "dtype 'float64' is not supported"),
+    (dict(store_dtype="int8"), "store dtype 'int8' is not supported; valid: float32, float16, bfloat16"),
+    (dict(decode_threads=-1), "decode_threads must be an integer >= 0"),
     (dict(batch_size=0), "batch size must be a positive integer"),
     (dict(checkpoint_path="nope.pt"), "checkpoint 'nope.pt' does not exist"),
     (dict(device="tpu"), "device 'tpu'"),

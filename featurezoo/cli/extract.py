@@ -27,11 +27,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="none: store (C,H,W) maps; avg/max: store (C,) vectors (default: none)")
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="default: 32")
     p.add_argument("--workers", type=workers, default=None, metavar="N",
-                   help="decoding processes; 0 decodes in the main process; auto (default) times the first "
-                        "batches and uses workers only where decoding is slow next to the model")
+                   help="decoding processes; 0 decodes in the main process, on --decode-threads threads; auto "
+                        "(default) times the first batches and uses workers only where decoding is slow next to "
+                        "the model")
+    p.add_argument("--decode-threads", type=workers, default=None, metavar="N",
+                   help="with no decoding processes: threads decoding while the model runs; 0 decodes between "
+                        "batches; auto (default): one per core beyond the first, at least 1")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch threads for the model (default: torch's)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--store-dtype", choices=list(DTYPES), default=None,
+                   help="dtype of the stored features (default: --dtype); float16 halves what a float32 model writes")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     add_weights(p)
     p.add_argument("--size", type=parse_size, metavar="H[xW]",
@@ -87,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     check_model(args.model)
     run_extract(args.model, args.inputs, args.out, progress=not args.quiet and sys.stderr.isatty(),
                 out_indices=args.out_indices, pool=args.pool, batch_size=args.batch_size, workers=args.workers,
-                dtype=args.dtype, device=args.device, checkpoint_path=args.checkpoint, pretrained=args.pretrained,
+                decode_threads=args.decode_threads, dtype=args.dtype, store_dtype=args.store_dtype,
+                device=args.device, checkpoint_path=args.checkpoint, pretrained=args.pretrained,
                 size=args.size, jpeg_draft=not args.no_draft, overwrite=args.overwrite, threads=args.threads,
                 engine=args.engine, ray_address=args.ray_address, model_workers=args.model_workers,
                 cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)

@@ -92,14 +92,14 @@ class ExtractSummary:
 
 
 # -- argument checks ------------------------------------------------------------------------------
-def resolve_dtype(dtype: Union[str, torch.dtype]) -> Tuple[str, torch.dtype]:
+def resolve_dtype(dtype: Union[str, torch.dtype], what: str = "dtype") -> Tuple[str, torch.dtype]:
     if isinstance(dtype, torch.dtype):
         names = {v: k for k, v in DTYPES.items()}
         if dtype not in names:
-            raise ExtractError(f"dtype {dtype} is not supported; valid: {', '.join(DTYPES)}")
+            raise ExtractError(f"{what} {dtype} is not supported; valid: {', '.join(DTYPES)}")
         return names[dtype], dtype
     if dtype not in DTYPES:
-        raise ExtractError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
+        raise ExtractError(f"{what} {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
     return dtype, DTYPES[dtype]
 
 
@@ -243,23 +243,26 @@ class Job:
     pool: str
     batch_size: int
     dtype_name: str
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's
     device: torch.device  # where the model runs (on a Ray cluster: on the model workers)
     checkpoint_path: PathLike
     pretrained: bool
     weights: Dict[str, Any]
     out_dir: str  # absolute
     given: List[PathLike]  # the inputs as given
+    store_dtype_name: str = "float32"
+    store_dtype: torch.dtype = torch.float32  # the stored features' (the model's dtype unless asked otherwise)
 
 
 def check_arguments(model_name: str, inputs: Iterable[PathLike], out_dir: PathLike, *, device: torch.device,
                     out_indices: OutIndices = None, pool: str = "none", batch_size: int = 32,
                     dtype: Union[str, torch.dtype] = "float32", checkpoint_path: PathLike = "",
                     pretrained: bool = False, size: Optional[Tuple[int, int]] = None,
-                    jpeg_draft: bool = True) -> Job:
+                    jpeg_draft: bool = True, store_dtype: Union[str, torch.dtype, None] = None) -> Job:
     """Everything that can be wrong with the arguments, as :class:`ExtractError`; reads no input, writes nothing.
 
     ``device`` is resolved by the engine (a Ray engine's model runs on its workers, not here).
+    ``store_dtype`` (default: ``dtype``) is the dtype the features are stored in.
     """
     pillow()
     if pool not in POOLS:
@@ -268,6 +271,8 @@ def check_arguments(model_name: str, inputs: Iterable[PathLike], out_dir: PathLi
         raise ExtractError(f"batch size must be a positive integer, got {batch_size!r}")
     dtype_name, torch_dtype = resolve_dtype(dtype)
     check_size(size)
+    store_name, store_torch = (dtype_name, torch_dtype) if store_dtype is None else \
+        resolve_dtype(store_dtype, "store dtype")
     info, indices, cfg, shapes = probe_model(model_name, out_indices, size)
     preprocess = Preprocess.from_cfg(cfg, size, jpeg_draft=jpeg_draft)
     weights = weights_setting(checkpoint_path, pretrained)
@@ -279,7 +284,8 @@ def check_arguments(model_name: str, inputs: Iterable[PathLike], out_dir: PathLi
     if not given:
         raise ExtractError("no inputs given")
     return Job(model_name, indices, info, cfg, shapes, preprocess, pool, batch_size, dtype_name, torch_dtype,
-               device, checkpoint_path, pretrained, weights, os.path.abspath(os.fspath(out_dir)), given)
+               device, checkpoint_path, pretrained, weights, os.path.abspath(os.fspath(out_dir)), given,
+               store_name, store_torch)
 
 
 def list_inputs(job: Job, lister: Lister = collect_inputs) -> List[str]:
@@ -331,6 +337,8 @@ def prepare(job: Job, paths: List[str], overwrite: bool = False) -> Plan:
         "inputs": {"count": len(paths), "sha256": inputs_digest(paths)},
         "levels": levels,
     }
+    if job.store_dtype_name != job.dtype_name:  # recorded only when asked for: older directories still resume
+        settings["store_dtype"] = job.store_dtype_name
     store = FeatureStore.open(job.out_dir, settings, paths, job.batch_size, overwrite=overwrite)
     return Plan(job, paths, levels, store, overwrite)
 

@@ -211,7 +211,7 @@ class _ModelWorker:
 
     def __init__(self, model_name: str, indices: List[int], checkpoint_path: str, pretrained: bool,
                  dtype_name: str, device: str, pool: str, preprocess: Preprocess, level_keys: List[str],
-                 out_dir: str, threads: int, driver_version: str):
+                 out_dir: str, threads: int, driver_version: str, store_dtype_name: str = ""):
         if __version__ != driver_version:
             raise RuntimeError(f"this Ray worker imports featurezoo {__version__} from "
                                f"{os.path.dirname(os.path.dirname(__file__))}, the driver runs {driver_version}; "
@@ -219,6 +219,7 @@ class _ModelWorker:
         torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype_name)
+        self.store_dtype = getattr(torch, store_dtype_name or dtype_name)
         self.model = build_feature_model(model_name, indices, checkpoint_path, pretrained, tuple(preprocess.size))
         self.model.to(device=self.device, dtype=self.dtype)
         self.pool, self.preprocess, self.keys, self.out = pool, preprocess, level_keys, out_dir
@@ -234,7 +235,7 @@ class _ModelWorker:
                 with torch.inference_mode():
                     x = self.preprocess.normalize(pixels.to(self.device), self.dtype)
                     feats = pool_features(self.model(x), self.pool)
-                    tensors = {key: f.to("cpu") for key, f in zip(self.keys, feats)}
+                    tensors = {key: f.to("cpu", self.store_dtype) for key, f in zip(self.keys, feats)}
                 shard = write_shard(self.out, int(k), tensors, n)
             ks.append(int(k))
             rows.append(n)
@@ -380,7 +381,8 @@ def _run(ray: ModuleType, plan: Plan, done: int, workers: int, cpus: float, gpus
                                    checkpoint_path=os.fspath(job.checkpoint_path), pretrained=job.pretrained,
                                    dtype_name=job.dtype_name, device=job.device.type, pool=job.pool,
                                    preprocess=job.preprocess, level_keys=plan.level_keys, out_dir=str(store.out),
-                                   threads=threads, driver_version=__version__),
+                                   threads=threads, driver_version=__version__,
+                                   store_dtype_name=job.store_dtype_name),
     )
     finished: Dict[int, Tuple[str, int, List[Tuple[int, str]]]] = {}  # batches done but not yet indexed
     next_k, n_skipped = done, before["skipped"]

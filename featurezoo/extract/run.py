@@ -1,23 +1,28 @@
 """The extraction run: :func:`extract_features`, and its local engine.
 
-``extract_features(..., engine="local")`` (the default) runs on this machine:
-images are decoded (:mod:`.data`) in DataLoader workers while the model
-runs, or, where decoding is cheap next to the model and cores are few, in
-this process, which is faster there (:func:`choose_workers`). Shards are
-written by a background thread (:mod:`.store`). ``engine="ray"`` hands the
+``extract_features(..., engine="local")`` (the default) runs on this machine
+as a bounded pipeline of three stages that overlap: images are decoded
+(:mod:`.data`) a few batches ahead, on threads of this process (or in
+DataLoader worker processes); the model runs on the main thread; a writer
+thread casts (``store_dtype``) and writes the shards (:mod:`.store`). How
+decoding runs, and on a CPU how the cores are split between decoding and the
+model, is chosen from the first batches' timings (:func:`choose_decoding`). ``engine="ray"`` hands the
 same plan to :mod:`.ray_engine`. The checks, the settings, the output
 directory and the summary are the engines' shared :mod:`.plan`. See
 ``benchmarks/bench_extract.py``.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import math
 import os
 import queue
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -29,7 +34,7 @@ from .plan import (ExtractSummary, OutIndices, Plan, already_complete, build_fea
                    versions, warn_random_init)
 from .store import FeatureStore
 
-__all__ = ["extract_features", "choose_workers", "default_workers", "ENGINES"]
+__all__ = ["extract_features", "choose_workers", "choose_decoding", "Decoding", "default_workers", "ENGINES"]
 
 _logger = logging.getLogger(__name__)
 
@@ -72,14 +77,59 @@ def choose_workers(decode_per_model: float, device: torch.device, cores: Optiona
     return max(1, min(cap, AUTO_MAX_WORKERS, math.ceil(1.5 * decode_per_model)))
 
 
+class Decoding(NamedTuple):
+    """How a run decodes: processes, or (with none) threads in this process; and the model's torch threads."""
+
+    workers: int  # decoding processes (DataLoader workers)
+    threads: int  # decoding threads in this process, when workers is 0 (0: between batches, on the model's thread)
+    model_threads: Optional[int]  # torch threads for the model; None: unchanged
+
+
+def choose_decoding(decode_per_model: float, device: torch.device, cores: Optional[int] = None,
+                    model_threads: Optional[int] = None) -> Decoding:
+    """The decoding of a run whose decoding takes ``decode_per_model`` times the model's time (``workers=None``).
+
+    On a GPU, decoding processes as :func:`choose_workers` says (the model
+    leaves the cores to them). On a CPU, decoding runs on threads of this
+    process (Pillow's decoder and resampler release the GIL; no process
+    start-up, pickling or copies) while the model runs:
+
+    * cheap decoding (under :data:`AUTO_MIN_DECODE_SHARE` of the model's time):
+      one thread, which fills the model's idle moments, and the model keeps
+      its threads;
+    * otherwise, if ``model_threads`` was given, enough threads to keep up
+      (``ceil(r)``, at most one per core); if not, the cores are split in
+      proportion to the two times: ``round(cores * r / (1 + r))`` decoding
+      threads (at least 1, at most ``cores - 1``) and the rest for the model.
+      A decoding thread that competes with every model thread for the cores
+      stalls the model's parallel regions (each waits for its slowest thread).
+    """
+    cores = cores or available_cores()
+    if device.type != "cpu":
+        return Decoding(choose_workers(decode_per_model, device, cores), 0, None)
+    if decode_per_model < AUTO_MIN_DECODE_SHARE or cores < 2:
+        return Decoding(0, 1, None)
+    if model_threads:
+        return Decoding(0, max(1, min(cores, AUTO_MAX_WORKERS, math.ceil(decode_per_model))), None)
+    n = max(1, min(cores - 1, AUTO_MAX_WORKERS, round(cores * decode_per_model / (1 + decode_per_model))))
+    return Decoding(0, n, cores - n)
+
+
 # -- the run ---------------------------------------------------------------------------------------
 class _Writer:
-    """Writes shards on a background thread, in order, so that disk I/O overlaps compute."""
+    """Writes shards on a background thread, in order, so that disk I/O overlaps compute.
 
-    def __init__(self, store: FeatureStore, depth: int = 2):
+    Tensors are cast to ``store_dtype`` here, off the model's thread (torch
+    releases the GIL for the copy). ``waited`` is the time the model's thread
+    spent blocked on a full queue: the run was writer-bound for that long.
+    """
+
+    def __init__(self, store: FeatureStore, depth: int = 2, store_dtype: Optional[torch.dtype] = None):
         self.store = store
+        self.store_dtype = store_dtype
         self.queue: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=depth)
         self.error: Optional[BaseException] = None
+        self.waited = 0.0
         self.thread = threading.Thread(target=self._run, name="featurezoo-shard-writer", daemon=True)
         self.thread.start()
 
@@ -90,13 +140,18 @@ class _Writer:
                 return
             if self.error is None:
                 try:
-                    self.store.write_batch(*item)
+                    k, tensors, rows, skipped = item
+                    if self.store_dtype is not None:
+                        tensors = {name: t.to(self.store_dtype) for name, t in tensors.items()}
+                    self.store.write_batch(k, tensors, rows, skipped)
                 except BaseException as e:  # handed to the main thread, which raises it
                     self.error = e
 
     def put(self, *item: Any) -> None:
         self._raise()
+        t0 = time.perf_counter()
         self.queue.put(item)
+        self.waited += time.perf_counter() - t0
 
     def close(self) -> None:
         self.queue.put(None)
@@ -108,6 +163,41 @@ class _Writer:
             raise self.error
 
 
+@contextlib.contextmanager
+def _threaded(dataset: ImageBatches, ks: Sequence[int], threads: int, depth: int) -> Iterator[Iterator[tuple]]:
+    """Batches ``ks`` of ``dataset``, in order, decoded on ``threads`` background threads at most ``depth`` ahead.
+
+    Pillow's decoder and resampler, and numpy's copies, release the GIL, so the
+    decoding overlaps the model's forward (torch releases it too) without the
+    worker processes' start-up, pickling and extra memory. On leaving the block
+    the batches not yet started are cancelled and the running ones finished.
+    """
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="featurezoo-decode")
+    futures: "collections.deque[Future]" = collections.deque()
+    todo = iter(ks)
+
+    def fill() -> None:
+        while len(futures) < depth:
+            k = next(todo, None)
+            if k is None:
+                return
+            futures.append(pool.submit(dataset.__getitem__, k))
+
+    def items() -> Iterator[tuple]:
+        fill()
+        while futures:
+            item = futures.popleft().result()
+            fill()
+            yield item
+
+    try:
+        yield items()
+    finally:
+        for f in futures:
+            f.cancel()
+        pool.shutdown(wait=True)
+
+
 def extract_features(
     model_name: str,
     inputs: Iterable[PathLike],
@@ -117,7 +207,9 @@ def extract_features(
     pool: str = "none",
     batch_size: int = 32,
     workers: Optional[int] = None,
+    decode_threads: Optional[int] = None,
     dtype: Union[str, torch.dtype] = "float32",
+    store_dtype: Union[str, torch.dtype, None] = None,
     device: Union[str, torch.device] = "cpu",
     checkpoint_path: PathLike = "",
     pretrained: bool = False,
@@ -144,18 +236,28 @@ def extract_features(
             ``overwrite``, which deletes the old features first.
         out_indices: as for ``create_model``: ints, ``None`` (all) or ``"pyramid"``.
         pool: ``"none"`` stores ``(C, H, W)`` maps, ``"avg"``/``"max"`` store ``(C,)`` vectors.
-        workers: decoding processes; 0 decodes in this process; ``None`` (auto) times the
-            first batches decoded in this process against the model and picks with
-            :func:`choose_workers` (in-process when decoding is cheap next to the model).
+        workers: decoding processes; 0 decodes in this process, on ``decode_threads``
+            threads; ``None`` (auto) times the first batches decoded in this process
+            against the model and picks with :func:`choose_decoding` (on a CPU:
+            threads, and with ``threads=None`` the model's share of the cores).
             Local engine only.
-        dtype: model and stored dtype.
+        decode_threads: with no decoding processes, the threads that decode in this
+            process while the model runs (default: 1, or with ``workers=None`` as
+            :func:`choose_decoding` says); 0 decodes on the model's thread, between
+            batches. Local engine only.
+        dtype: the model's dtype, and the stored one unless ``store_dtype``.
+        store_dtype: the stored features' dtype (default ``dtype``): ``"float16"``
+            halves what a float32 model writes (values beyond float16's 65504 become
+            inf). Recorded in ``meta.json``; :func:`~featurezoo.extract.load_features`
+            returns this dtype.
         checkpoint_path / pretrained: the weights; with neither the model is
             randomly initialised (seed :data:`RANDOM_INIT_SEED`) and a warning is logged.
         size: ``(H, W)`` of the model input; default the model's cfg.
         jpeg_draft: let JPEGs decode at a reduced scale when they are at least
             twice the size needed (faster, very slightly different pixels).
-        threads: torch threads for the model during the run (default: unchanged;
-            on a Ray cluster: each model worker's, default ``cpus_per_worker``).
+        threads: torch threads for the model during the run (default: unchanged, or
+            with ``workers=None`` the cores decoding leaves; on a Ray cluster: each
+            model worker's, default ``cpus_per_worker``).
         progress: show a progress bar (images/s) on stderr (needs tqdm).
         engine: ``"local"`` (this machine) or ``"ray"`` (a Ray cluster through Ray Data,
             :mod:`featurezoo.extract.ray_engine`; needs ``featurezoo[ray]``). Both
@@ -167,11 +269,12 @@ def extract_features(
     (a ``ModuleNotFoundError``) says which extra to install, before anything is written.
     """
     common = dict(out_indices=out_indices, pool=pool, batch_size=batch_size, dtype=dtype,
-                  checkpoint_path=checkpoint_path, pretrained=pretrained, size=size, jpeg_draft=jpeg_draft)
+                  checkpoint_path=checkpoint_path, pretrained=pretrained, size=size, jpeg_draft=jpeg_draft,
+                  store_dtype=store_dtype)
     if engine == "ray":
-        if workers is not None:
-            raise ExtractError("workers (decoding processes) is for the local engine; with engine 'ray' images "
-                               "are decoded by Ray tasks on the cluster's CPUs")
+        if workers is not None or decode_threads is not None:
+            raise ExtractError("workers and decode_threads (decoding processes, threads) are for the local engine; "
+                               "with engine 'ray' images are decoded by Ray tasks on the cluster's CPUs")
         return ray_engine.extract_on_ray(model_name, inputs, out_dir, device=device, overwrite=overwrite,
                                          threads=threads, progress=progress, address=ray_address,
                                          model_workers=model_workers, cpus_per_worker=cpus_per_worker,
@@ -184,8 +287,9 @@ def extract_features(
     if given:
         raise ExtractError(f"{', '.join(given)} only apply to engine 'ray' (--engine ray); this run's engine is "
                            f"'local'")
-    if workers is not None and workers < 0:
-        raise ExtractError(f"workers must be >= 0, got {workers}")
+    for what, value in (("workers", workers), ("decode_threads", decode_threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ExtractError(f"{what} must be an integer >= 0 (or None: automatic), got {value!r}")
     job = check_arguments(model_name, inputs, out_dir, device=resolve_device(device), **common)
     plan = prepare(job, list_inputs(job), overwrite)
     done_already = already_complete(plan, "local")
@@ -197,13 +301,13 @@ def extract_features(
 
     done = plan.store.begin(overwrite=overwrite, versions=versions(), engine="local")
     try:
-        return _run(model, plan, done, workers, threads, progress)
+        return _run(model, plan, done, workers, threads, progress, decode_threads)
     finally:
         plan.store.close()
 
 
 def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], threads: Optional[int],
-         progress: bool) -> ExtractSummary:
+         progress: bool, decode_threads: Optional[int] = None) -> ExtractSummary:
     store, job = plan.store, plan.job
     preprocess, dev, dtype = job.preprocess, job.device, job.dtype
     dataset = ImageBatches(store.paths, store.batch_size, preprocess)
@@ -215,16 +319,19 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
     names = plan.level_keys
     bar = progress_bar(len(store.paths), before["rows"] + before["skipped"], progress)
     t0 = time.perf_counter()
-    writer = _Writer(store)
+    writer = _Writer(store, store_dtype=None if job.store_dtype == job.dtype else job.store_dtype)
     n_skipped = before["skipped"]
+    busy = {"model": 0.0, "input_wait": 0.0}
 
     def compute(k: int, batch: torch.Tensor, rows: List[int], skipped: List[Tuple[int, str]]) -> None:
         nonlocal n_skipped
+        t_start = time.perf_counter()
         outs: Dict[str, torch.Tensor] = {}
         if rows:
             x = preprocess.normalize(batch.to(dev, non_blocking=True), dtype)
             feats = pool_features(model(x), job.pool)
             outs = {name: f.to("cpu") for name, f in zip(names, feats)}
+        busy["model"] += time.perf_counter() - t_start
         for pos, reason in skipped:
             _logger.info("skipped %s: %s", store.paths[pos], reason)
         writer.put(k, outs, rows, skipped)
@@ -234,8 +341,19 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
                 bar.set_postfix(skipped=n_skipped, refresh=False)
             bar.update(len(rows) + len(skipped))
 
+    def consume(items: Iterable[tuple]) -> None:
+        it = iter(items)
+        while True:
+            t_wait = time.perf_counter()
+            item = next(it, None)
+            busy["input_wait"] += time.perf_counter() - t_wait
+            if item is None:
+                return
+            compute(*item)
+
     auto = workers is None
-    n_workers, ratio = (0 if auto else workers), None
+    choice = Decoding(workers or 0, 1 if decode_threads is None else decode_threads, None)
+    ratio = None
     try:
         with num_threads(threads), torch.inference_mode():
             if auto:  # time the first batches in this process, then choose
@@ -248,17 +366,27 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
                     if item[2]:  # the last probe batch with images: after the first, warm-up is over
                         ratio = (t_decoded - t_start) / max(time.perf_counter() - t_decoded, 1e-9)
                 if pending:
-                    n_workers = default_workers() if ratio is None else choose_workers(ratio, dev)
-                    _logger.info("decoding takes %s the model's time: %d decoding worker(s)",
-                                 "?" if ratio is None else f"{ratio:.2f}x", n_workers)
-            n_workers = min(n_workers, len(pending))
-            if pending:
-                loader = torch.utils.data.DataLoader(
-                    dataset, batch_size=None, sampler=pending, num_workers=n_workers,
-                    pin_memory=dev.type == "cuda", prefetch_factor=4 if n_workers else None,
-                )
-                for item in loader:
-                    compute(*item)
+                    choice = Decoding(default_workers(), 0, None) if ratio is None else \
+                        choose_decoding(ratio, dev, model_threads=threads)
+                    if decode_threads is not None and not choice.workers:
+                        choice = choice._replace(threads=decode_threads)
+                    _logger.info("decoding takes %s the model's time: %d decoding process(es), %d thread(s); "
+                                 "model threads %s", "?" if ratio is None else f"{ratio:.2f}x", choice.workers,
+                                 choice.threads, choice.model_threads or "unchanged")
+            choice = choice._replace(workers=min(choice.workers, len(pending)))
+            with num_threads(choice.model_threads):
+                if pending and choice.workers:
+                    loader = torch.utils.data.DataLoader(
+                        dataset, batch_size=None, sampler=pending, num_workers=choice.workers,
+                        pin_memory=dev.type == "cuda", prefetch_factor=4,
+                    )
+                    consume(loader)
+                elif pending and choice.threads:
+                    with _threaded(dataset, pending, choice.threads, depth=choice.threads + 1) as items:
+                        consume(items)
+                elif pending:
+                    consume(dataset[k] for k in pending)
+                model_threads = torch.get_num_threads()
     finally:
         try:
             writer.close()
@@ -267,7 +395,12 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
                 bar.close()
     seconds = time.perf_counter() - t0
     return finish(plan, before, done, seconds,
-                  {"workers": n_workers, "workers_auto": auto,
+                  {"workers": choice.workers, "workers_auto": auto,
+                   "decode_threads": 0 if choice.workers else choice.threads,
                    "decode_model_ratio": None if ratio is None else round(ratio, 4),
-                   "threads": threads or torch.get_num_threads(), "device": str(dev)},
-                  workers=n_workers)
+                   "threads": model_threads, "device": str(dev),
+                   # where the time went: the model's thread computing, waiting for decoded batches, and
+                   # blocked on the shard writer (the rest is the progress bar, logging and start-up)
+                   "model_s": round(busy["model"], 3), "input_wait_s": round(busy["input_wait"], 3),
+                   "write_wait_s": round(writer.waited, 3)},
+                  workers=choice.workers)

@@ -79,11 +79,11 @@ META, INPUTS, INDEX, SHARDS, LOCK = "meta.json", "inputs.json", "index.jsonl", "
 _OWN_FILES = (META, INPUTS, INDEX, LOCK)
 
 # Settings whose change makes old rows incompatible with new ones, in the order they are reported.
-SETTING_KEYS = ("model", "weights", "out_indices", "pool", "dtype", "device", "size", "preprocessing",
-                "batch_size", "inputs", "levels")
+SETTING_KEYS = ("model", "weights", "out_indices", "pool", "dtype", "store_dtype", "device", "size",
+                "preprocessing", "batch_size", "inputs", "levels")
 # A safetensors header longer than this is not one of ours (ours name a few tensors: under 1 KB a level).
 _MAX_HEADER = 1 << 24
-# The stored dtypes (settings "dtype") and their safetensors codes.
+# The stored dtypes (settings "store_dtype", else "dtype") and their safetensors codes.
 _DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
@@ -140,8 +140,9 @@ def _settings_problem(settings: Any) -> Optional[str]:
     inputs = settings.get("inputs")
     if not isinstance(inputs, dict) or not count(inputs.get("count"), 0):
         return "settings.inputs.count is missing or not a count"
-    if settings.get("dtype") not in _DTYPE_CODES:
-        return f"settings.dtype is {settings.get('dtype')!r}, not one of {', '.join(_DTYPE_CODES)}"
+    for key in ("dtype", "store_dtype"):
+        if (key == "dtype" or key in settings) and settings.get(key) not in _DTYPE_CODES:
+            return f"settings.{key} is {settings.get(key)!r}, not one of {', '.join(_DTYPE_CODES)}"
     levels = settings.get("levels")
     if not isinstance(levels, list) or not levels:
         return "settings.levels is missing or empty"
@@ -165,8 +166,8 @@ class _Layout:
     @classmethod
     def of(cls, settings: Mapping[str, Any], paths: Optional[Sequence[str]] = None) -> "_Layout":
         levels = tuple((lv["key"], tuple(lv["shape"])) for lv in settings["levels"])
-        return cls(settings["inputs"]["count"], settings["batch_size"], levels, _DTYPE_CODES[settings["dtype"]],
-                   paths)
+        return cls(settings["inputs"]["count"], settings["batch_size"], levels,
+                   _DTYPE_CODES[settings.get("store_dtype", settings["dtype"])], paths)
 
 
 @dataclass
@@ -682,7 +683,7 @@ def load_features(out_dir: PathLike) -> Features:
         paths.extend(shard_paths)
         for name in levels:
             parts[name].append(tensors[name])
-    dtype = getattr(torch, meta["settings"]["dtype"])
+    dtype = getattr(torch, meta["settings"].get("store_dtype", meta["settings"]["dtype"]))  # as stored
     result = {}
     for lv in meta["settings"]["levels"]:
         name = lv["key"]
