@@ -53,7 +53,7 @@ import torch.nn as nn
 from .freezing import (apply_eval_modes, check_frozen_stages, frozen_modules, frozen_parameter_names,
                        num_stages, probe_input_size)
 from .registry import build_on_meta
-from .validate import check_input_size
+from .validate import check_input_size, check_input_tensor
 
 __all__ = ["FeatureInfo", "FeatureExtractWrapper", "SequentialFeatures", "LevelFeatures", "RewrittenFeatures",
            "normalize_out_indices", "take_levels", "get_feature_info", "PYRAMID", "ShapeSpec"]
@@ -340,6 +340,20 @@ def _in_channels(model: nn.Module) -> int:
     return 3
 
 
+def _input_channels_known(model: nn.Module) -> Optional[int]:
+    """The input channels for checking inputs: from the declared first conv, else the first module
+    if it is a conv (a user model whose first module is not one may take anything: ``None``)."""
+    for name in getattr(getattr(model, "default_cfg", None), "first_conv_names", ()):
+        try:
+            first = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(first, nn.Conv2d):
+            return first.in_channels
+    first = next((m for m in model.modules() if m is not model), None)
+    return first.in_channels if isinstance(first, nn.Conv2d) else None
+
+
 def take_levels(indices: Sequence[int], num_levels: int) -> Tuple[FrozenSet[int], int]:
     """The start of every ``forward_levels`` / ``prune_levels``: the set of requested
     ``feature_info`` entries and the deepest one, checked (``ValueError`` if empty or out of range)."""
@@ -421,6 +435,7 @@ class FeatureExtractWrapper(nn.Module):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self._full_feature_info = full_info
+        self._in_chs = _input_channels_known(model)
         self.full_state_keys = frozenset(model.state_dict())
         self._prune(model, full_info, indices)
         for pname, p in model.named_parameters():
@@ -490,7 +505,11 @@ class FeatureExtractWrapper(nn.Module):
         return self._levels_of(model, info, list(range(len(info))), x)
 
     def forward(self, x: torch.Tensor) -> Union[List[torch.Tensor], "OrderedDict[str, torch.Tensor]"]:
-        check_input_size(self.default_cfg, x, self.model_name)
+        if not torch.compiler.is_compiling():
+            weight = next(iter(self._parameters.values()), None) if self._parameters else \
+                next(self.parameters(), None)
+            check_input_tensor(self.model_name, x, self._in_chs, weight.dtype if weight is not None else None)
+            check_input_size(self.default_cfg, x, self.model_name)
         feats = self._levels(x)
         if self.as_dict:
             return OrderedDict(zip(self.level_names, feats))

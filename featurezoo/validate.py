@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["check_builder_args", "check_keywords", "accepted_keywords", "check_state_dict", "check_tensor_kinds",
-           "check_input_size"]
+           "check_input_size", "check_input_tensor"]
 
 _BOOL_ARGS = ("pretrained", "features_only", "as_dict", "norm_eval", "ema", "auto_mapping")
 _RATE_ARGS = ("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate")
@@ -162,6 +162,27 @@ def check_tensor_kinds(tensors: Mapping[str, torch.Tensor], own: Mapping[str, to
 
 
 # -- input sizes ---------------------------------------------------------------------------------
+
+
+def check_input_tensor(model_name: str, x: Any, in_channels: Optional[int],
+                       weight_dtype: Optional[torch.dtype]) -> None:
+    """An image batch the backbone can take: a 4-d (N, C, H, W) floating tensor with ``in_channels``
+    channels (``None``: any), of the weights' dtype (unless autocast converts it)."""
+    chs = "C" if in_channels is None else in_channels
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{model_name}: the input must be a torch.Tensor (N, {chs}, H, W), "
+                         f"got a {type(x).__name__}")
+    if x.dim() != 4 or in_channels is not None and x.shape[1] != in_channels or x.shape[-2] < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{model_name}: the input must be (N, {chs}, H, W) with H, W >= 1, got shape "
+                         f"{tuple(x.shape)}"
+                         + (" (add the batch dimension: x[None])" if x.dim() == 3 else ""))
+    if not x.is_floating_point():
+        raise ValueError(f"{model_name}: the input must be a floating tensor ({weight_dtype or torch.float32}), "
+                         f"got {x.dtype}; convert images with x.float() / 255 and normalise them")
+    if weight_dtype is not None and x.dtype != weight_dtype and weight_dtype.is_floating_point \
+            and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{model_name}: the input is {x.dtype} but the weights are {weight_dtype}; use "
+                         f"x.to({weight_dtype}), model.to({x.dtype}), or torch.autocast")
 
 
 def check_input_size(cfg: Any, x: Any, model_name: str) -> None:
