@@ -340,18 +340,18 @@ def _in_channels(model: nn.Module) -> int:
     return 3
 
 
-def _input_channels_known(model: nn.Module) -> Optional[int]:
-    """The input channels for checking inputs: from the declared first conv, else the first module
-    if it is a conv (a user model whose first module is not one may take anything: ``None``)."""
+def _input_conv(model: nn.Module) -> Optional[nn.Conv2d]:
+    """The conv that takes the input, for checking inputs: the declared first conv, else the first
+    module if it is a conv (a user model whose first module is not one may take anything: ``None``)."""
     for name in getattr(getattr(model, "default_cfg", None), "first_conv_names", ()):
         try:
             first = model.get_submodule(name)
         except AttributeError:
             continue
         if isinstance(first, nn.Conv2d):
-            return first.in_channels
+            return first
     first = next((m for m in model.modules() if m is not model), None)
-    return first.in_channels if isinstance(first, nn.Conv2d) else None
+    return first if isinstance(first, nn.Conv2d) else None
 
 
 def take_levels(indices: Sequence[int], num_levels: int) -> Tuple[FrozenSet[int], int]:
@@ -435,7 +435,8 @@ class FeatureExtractWrapper(nn.Module):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self._full_feature_info = full_info
-        self._in_chs = _input_channels_known(model)
+        # Not a submodule attribute (that would add a state_dict key): a plain reference.
+        object.__setattr__(self, "_input_conv", _input_conv(model))
         self.full_state_keys = frozenset(model.state_dict())
         self._prune(model, full_info, indices)
         for pname, p in model.named_parameters():
@@ -506,9 +507,9 @@ class FeatureExtractWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Union[List[torch.Tensor], "OrderedDict[str, torch.Tensor]"]:
         if not torch.compiler.is_compiling():
-            weight = next(iter(self._parameters.values()), None) if self._parameters else \
-                next(self.parameters(), None)
-            check_input_tensor(self.model_name, x, self._in_chs, weight.dtype if weight is not None else None)
+            conv = self._input_conv
+            check_input_tensor(self.model_name, x, conv.in_channels if conv is not None else None,
+                               conv.weight.dtype if conv is not None else None)
             check_input_size(self.default_cfg, x, self.model_name)
         feats = self._levels(x)
         if self.as_dict:
@@ -578,7 +579,8 @@ class _Probe:
 
 def _probe(run: Any, model: nn.Module, side: int, in_chs: int) -> Optional[List[torch.Tensor]]:
     """``run`` on one ``side`` x ``side`` input on the model's device (meta for a meta model)."""
-    first = next(iter(model.parameters()), None)
+    conv = _input_conv(model)
+    first = conv.weight if conv is not None else next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     x = torch.zeros(1, in_chs, side, side, device=device, dtype=dtype)

@@ -180,9 +180,16 @@ def check_input_tensor(model_name: str, x: Any, in_channels: Optional[int],
         raise ValueError(f"{model_name}: the input must be a floating tensor ({weight_dtype or torch.float32}), "
                          f"got {x.dtype}; convert images with x.float() / 255 and normalise them")
     if weight_dtype is not None and x.dtype != weight_dtype and weight_dtype.is_floating_point \
-            and not torch.is_autocast_enabled(x.device.type):
+            and not _autocast_on(x.device.type):
         raise ValueError(f"{model_name}: the input is {x.dtype} but the weights are {weight_dtype}; use "
                          f"x.to({weight_dtype}), model.to({x.dtype}), or torch.autocast")
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return False
 
 
 def check_input_size(cfg: Any, x: Any, model_name: str) -> None:
