@@ -506,7 +506,8 @@ class FeatureExtractWrapper(nn.Module):
         return self._levels_of(model, info, list(range(len(info))), x)
 
     def forward(self, x: torch.Tensor) -> Union[List[torch.Tensor], "OrderedDict[str, torch.Tensor]"]:
-        if not torch.compiler.is_compiling():
+        # Not while tracing (FX proxies, dynamo/export): the graph is for inputs already checked.
+        if not (torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy)):
             conv = self._input_conv
             check_input_tensor(self.model_name, x, conv.in_channels if conv is not None else None,
                                conv.weight.dtype if conv is not None else None)
