@@ -28,8 +28,9 @@ each holds the model's own modules, parameters and buffers under their own
 names, so ``state_dict()`` keys are the full model's keys for what it kept.
 
 At wrap time the declarations are checked against one forward of the model (on
-the meta device for a meta model, else a small real input, in eval mode and
-without gradients): every entry's channels and stride, and, for a sequential
+the meta device, its weights swapped for meta tensors and put back; a small
+real input only if it cannot run there; in eval mode, without gradients):
+every entry's channels and stride, and, for a sequential
 model, that its forward really is the chain the wrapper will run (each feature
 module called once, in registration order, each taking the previous one's
 output). Declarations that pass are remembered per architecture, so wrapping
@@ -42,6 +43,7 @@ and :mod:`featurezoo.validate`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import OrderedDict
@@ -578,23 +580,52 @@ class _Probe:
             m.training = flag
 
 
+@contextlib.contextmanager
+def _weights_on_meta(model: nn.Module) -> Iterator[None]:
+    """Every parameter and buffer swapped for a meta tensor of its shape (tied ones stay tied),
+    and put back afterwards whatever happens: a forward for shapes only, no arithmetic."""
+    saved: List[Tuple[Dict[str, Any], str, torch.Tensor]] = []
+    memo: Dict[int, torch.Tensor] = {}
+    try:
+        for m in model.modules():
+            for store in (m._parameters, m._buffers):
+                for k, v in list(store.items()):
+                    if v is None or v.is_meta:
+                        continue
+                    if id(v) not in memo:
+                        meta = torch.empty_like(v, device="meta")
+                        memo[id(v)] = nn.Parameter(meta, v.requires_grad) if isinstance(v, nn.Parameter) else meta
+                    saved.append((store, k, v))
+                    store[k] = memo[id(v)]
+        yield
+    finally:
+        for store, k, v in saved:
+            store[k] = v
+
+
 def _probe(run: Any, model: nn.Module, side: int, in_chs: int) -> Optional[List[torch.Tensor]]:
-    """``run`` on one ``side`` x ``side`` input on the model's device (meta for a meta model)."""
+    """``run`` on one ``side`` x ``side`` input: on the meta device (weights swapped for meta tensors),
+    else, for a model that cannot run there (tensors held outside its parameters and buffers), on its
+    own device. ``None`` (logged) if neither runs."""
     conv = _input_conv(model)
     first = conv.weight if conv is not None else next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    x = torch.zeros(1, in_chs, side, side, device=device, dtype=dtype)
-    with _Probe(model):
+    failure = None
+    for where in ("meta", device):
+        x = torch.zeros(1, in_chs, side, side, device=where, dtype=dtype)
         try:
-            outs = run(x)
+            with _Probe(model), (_weights_on_meta(model) if where == "meta" else contextlib.nullcontext()):
+                return list(run(x))
         except ValueError:
             raise
         except Exception as err:  # a forward that cannot run on this probe: nothing to compare against
-            _logger.warning("%s: feature_info not checked against a forward at %d px (%s: %s)",
-                            type(model).__name__, side, type(err).__name__, str(err).splitlines()[0][:200])
-            return None
-    return list(outs)
+            failure = err
+        if first is None or first.is_meta:
+            break
+    _logger.warning("%s: feature_info not checked against a forward at %d px (%s: %s)", type(model).__name__,
+                    side, type(failure).__name__, str(failure).splitlines()[0][:200] if str(failure) else "")
+    return None
 
 
 def _ceil_shape(side: int, reduction: int) -> torch.Size:

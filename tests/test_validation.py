@@ -155,8 +155,13 @@ def test_declared_feature_info_is_checked_against_a_forward(info, mode, match, d
         FeatureExtractWrapper(model)
 
 
-def test_a_correct_user_model_wraps_and_runs():
-    feat = FeatureExtractWrapper(Net(GOOD), out_indices=[2, 0])
+def test_a_correct_user_model_wraps_and_runs_and_the_check_leaves_it_as_it_was():
+    model = Net(GOOD, mode="ok").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    feat = FeatureExtractWrapper(model, out_indices=[2, 0])
+    assert all(torch.equal(feat.state_dict()[k], v) for k, v in before.items() if not k.startswith("head."))
+    assert not any(p.is_meta for p in feat.parameters())
+    assert feat.training and model.stem.training  # the probe ran in eval mode and put the flags back
     assert [tuple(o.shape) for o in feat(torch.randn(2, 3, 32, 32))] == [(2, 16, 4, 4), (2, 8, 16, 16)]
 
 
