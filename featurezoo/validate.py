@@ -51,7 +51,7 @@ def check_builder_args(model_name: str, args: Mapping[str, Any]) -> None:
                          f"(3 for RGB)")
     for key in _BOOL_ARGS:
         if key in args and not isinstance(args[key], bool):
-            raise ValueError(f"{model_name}: {key}={args[key]!r} is not valid; use True or False")
+            raise ValueError(f"{model_name}: {key} must be True or False, got {args[key]!r}")
     for key in _RATE_ARGS:
         if key in args:
             value = args[key]

@@ -18,7 +18,7 @@ from featurezoo.features import FeatureExtractWrapper
     (dict(in_channels=2.5), r"in_channels=2.5 is not valid"),
     (dict(num_classes=-5, features_only=True), r"num_classes=-5 is not valid; use an int >= 0"),
     (dict(num_classes=True), r"num_classes=True is not valid"),
-    (dict(features_only="yes"), r"features_only='yes' is not valid; use True or False"),
+    (dict(features_only="yes"), r"features_only must be True or False, got 'yes'"),
     (dict(drop_rate=1.5), r"drop_rate=1.5 is not valid; use a number in \[0, 1\)"),
     (dict(out_indice=[1, 2]), r"unknown keyword argument\(s\) \['out_indice'\] \(did you mean 'out_indice' -> "
                               r"'out_indices'\?\); valid keywords: .*in_channels.*num_classes"),
