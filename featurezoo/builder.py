@@ -70,7 +70,7 @@ def build_model_with_cfg(
         kwargs["output_stride"] = _check_output_stride(cfg, output_stride)
     model = model_cls(**kwargs)
     model.default_cfg = cfg
-    if cfg.min_input_size or cfg.side_rule:
+    if cfg.min_input_size or cfg.side_rules:
         model.register_forward_pre_hook(_InputSizeCheck(cfg))
 
     if features_only:

@@ -52,7 +52,9 @@ class IndexMap:
 @dataclass(frozen=True)
 class SideRule:
     """The input sides a model takes: ``side >= minimum`` and ``side % modulus`` in ``residues``
-    (NASNet's padding emulation: ``SideRule(16, (11, 12, 13, 14, 15, 0, 1, 2))``).
+    (NASNet's padding emulation: ``SideRule(16, (11, 12, 13, 14, 15, 0, 1, 2))``). A feature model
+    is held to the rule only when it outputs a level of reduction ``from_reduction`` or deeper (the
+    levels before the layer that needs it run at any size); the classifier always is.
 
     >>> SideRule(16, (0, 1)).accepts(64), SideRule(16, (0, 1)).accepts(66), SideRule(16, (0, 1)).nearest(66)
     (True, False, [64, 65, 80, 81])
@@ -61,6 +63,7 @@ class SideRule:
     modulus: int
     residues: Tuple[int, ...]
     minimum: int = 1
+    from_reduction: int = 1
 
     def __post_init__(self) -> None:
         if not (isinstance(self.modulus, int) and self.modulus > 0 and self.residues
@@ -128,10 +131,10 @@ class ModelCfg:
         fixed_input_size: the classifier accepts only ``input_size`` (e.g. a
             flattening head); feature models may still take other sizes.
         min_input_size: the smallest input the model runs at.
-        side_rule: a :class:`SideRule` every input side must satisfy; the
-            feature model and the classifier refuse other sizes with a
-            ``ValueError`` (checked before the forward, see
-            :func:`featurezoo.validate.check_input_size`).
+        side_rules: :class:`SideRule` s every input side must satisfy; the
+            feature model (for the levels a rule covers) and the classifier
+            refuse other sizes with a ``ValueError`` (checked before the
+            forward, see :func:`featurezoo.validate.check_input_size`).
         input_sides: when not ``()``, the model runs only at these square
             sides (and sizes of the same rule, given in ``size_note``).
         valid_padding: why, if so, the maps are smaller than
@@ -167,7 +170,7 @@ class ModelCfg:
     fixed_input_size: bool = False
     min_input_size: Optional[Tuple[int, int, int]] = None
     input_sides: Tuple[int, ...] = ()
-    side_rule: Optional[SideRule] = None
+    side_rules: Tuple[SideRule, ...] = ()
     valid_padding: str = ""
     size_note: str = ""
     output_strides: Tuple[int, ...] = ()
@@ -197,9 +200,10 @@ class ModelCfg:
             raise ValueError(f"{who}: timm_renames/timm_convert are declared but timm_twin is empty")
         if self.timm_convert is not None and not callable(self.timm_convert):
             raise ValueError(f"{who}: timm_convert must be callable, got {self.timm_convert!r}")
-        if self.side_rule is not None and not isinstance(self.side_rule, SideRule):
-            raise ValueError(f"{who}: side_rule must be a featurezoo.cfg.SideRule, got {self.side_rule!r}")
-        if (self.input_sides or self.fixed_input_size or self.min_input_size or self.side_rule) \
+        if not isinstance(self.side_rules, (list, tuple)) or not all(isinstance(r, SideRule) for r in self.side_rules):
+            raise ValueError(f"{who}: side_rules must be a tuple of featurezoo.cfg.SideRule, got {self.side_rules!r}")
+        object.__setattr__(self, "side_rules", tuple(self.side_rules))
+        if (self.input_sides or self.fixed_input_size or self.min_input_size or self.side_rules) \
                 and not self.size_note:
             raise ValueError(f"{who}: input-size constraints need a size_note saying why")
 

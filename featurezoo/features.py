@@ -437,6 +437,7 @@ class FeatureExtractWrapper(nn.Module):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self._full_feature_info = full_info
+        self._deepest_reduction = max(self.feature_info.reduction())
         # Not a submodule attribute (that would add a state_dict key): a plain reference.
         object.__setattr__(self, "_input_conv", _input_conv(model))
         self.full_state_keys = frozenset(model.state_dict())
@@ -488,8 +489,7 @@ class FeatureExtractWrapper(nn.Module):
                 continue
             if second is None:
                 step = math.lcm(*(e["reduction"] for e in info))
-                rule = getattr(cfg, "side_rule", None)
-                step = math.lcm(step, rule.modulus) if rule is not None else step
+                step = math.lcm(step, *(r.modulus for r in getattr(cfg, "side_rules", ())))
                 second = _probe(lambda x: self._probe_levels(model, info, x), model, side + step, in_chs)
                 if second is None:
                     return
@@ -513,7 +513,7 @@ class FeatureExtractWrapper(nn.Module):
             conv = self._input_conv
             check_input_tensor(self.model_name, x, conv.in_channels if conv is not None else None,
                                conv.weight.dtype if conv is not None else None)
-            check_input_size(self.default_cfg, x, self.model_name)
+            check_input_size(self.default_cfg, x, self.model_name, self._deepest_reduction)
         feats = self._levels(x)
         if self.as_dict:
             return OrderedDict(zip(self.level_names, feats))
@@ -557,7 +557,7 @@ def _architecture_key(kind: type, model: nn.Module, info: FeatureInfo, cfg: Any)
                   tuple((k, v) for k, v in vars(m).items()
                         if isinstance(v, _PLAIN) or isinstance(v, tuple) and all(isinstance(u, _PLAIN) for u in v)))
                  for n, m in model.named_modules())
-    facts = (getattr(cfg, "input_sides", ()), getattr(cfg, "min_input_size", None), getattr(cfg, "side_rule", None),
+    facts = (getattr(cfg, "input_sides", ()), getattr(cfg, "min_input_size", None), getattr(cfg, "side_rules", ()),
              getattr(cfg, "valid_padding", ""))
     return (kind, cls.__module__, cls.__qualname__, repr(info.info), tree, facts)
 

@@ -192,20 +192,22 @@ def _autocast_on(device_type: str) -> bool:
         return False
 
 
-def check_input_size(cfg: Any, x: Any, model_name: str) -> None:
+def check_input_size(cfg: Any, x: Any, model_name: str, deepest_reduction: Optional[int] = None) -> None:
     """Refuse an input whose sides the model cannot take, from its declared facts:
-    ``min_input_size`` and ``side_rule`` (a :class:`featurezoo.cfg.SideRule`)."""
+    ``min_input_size`` and ``side_rules`` (:class:`featurezoo.cfg.SideRule`; for a feature model
+    whose deepest output has ``deepest_reduction``, the rules that cover that level)."""
     if cfg is None or not isinstance(x, torch.Tensor) or x.dim() != 4:
         return
     low = getattr(cfg, "min_input_size", None)
-    rule = getattr(cfg, "side_rule", None)
-    if low is None and rule is None:
+    rules = [r for r in getattr(cfg, "side_rules", ())
+             if deepest_reduction is None or deepest_reduction >= r.from_reduction]
+    if low is None and not rules:
         return
     h, w = int(x.shape[-2]), int(x.shape[-1])
     if low is not None and (h < low[1] or w < low[2]):
         raise ValueError(f"{model_name}: input {h}x{w} px is too small; the smallest it takes is "
                          f"{low[1]}x{low[2]} px ({cfg.size_note})")
-    if rule is not None:
+    for rule in rules:
         bad = [s for s in (h, w) if not rule.accepts(s)]
         if bad:
             near = sorted({v for s in bad for v in rule.nearest(s)})

@@ -94,7 +94,7 @@ SIZE_FAMILIES = ["resnet18", "nasnet_a_4x1056", "inception_v3", "halonet_50t", "
 
 
 def test_size_families_cover_every_family_with_a_side_rule():
-    with_rule = {model_module(n) for n in zoo_models() if fz.get_model_cfg(n).side_rule}
+    with_rule = {model_module(n) for n in zoo_models() if fz.get_model_cfg(n).side_rules}
     # PNASNet shares NASNet's rule (tests/test_regnet_vgg_nas.py checks both).
     assert with_rule - {"pnasnet"} <= {model_module(n) for n in SIZE_FAMILIES}
 
@@ -110,14 +110,14 @@ def _meta_backbone(name):
 def test_every_family_takes_an_input_or_refuses_it_by_name(name, h, w, dtype):
     model = _meta_backbone(name)
     cfg = fz.get_model_cfg(name)
-    if cfg.input_sides and not cfg.side_rule:  # the classifier-sized models (MLP-Mixer): their one size
+    if cfg.input_sides and not cfg.side_rules:  # the classifier-sized models (MLP-Mixer): their one size
         h = w = cfg.input_sides[0]
     x = torch.empty(2, 3, h, w, device="meta", dtype=dtype)
     try:
         feats = model(x)
     except ValueError as err:
         assert name in str(err) or model.model_name in str(err), err
-        assert dtype != torch.float32 or cfg.side_rule or cfg.min_input_size, (name, h, w, err)
+        assert dtype != torch.float32 or cfg.side_rules or cfg.min_input_size, (name, h, w, err)
         return
     assert dtype == torch.float32
     assert [f.shape[:2] for f in feats] == [(2, c) for c in model.out_channels]

@@ -195,6 +195,13 @@ def test_sizes_a_model_declares_invalid_are_refused_naming_valid_ones(name, side
             model(x)
 
 
+def test_levels_before_the_layer_a_rule_protects_run_at_any_size():
+    # NASNet's rule is for its stride-16 cell; the stride-2..8 levels run at 131 px.
+    shallow = fz.build_on_meta("nasnet_a_4x1056", features_only=True, out_indices=[0, 1, 2])
+    assert [tuple(o.shape) for o in shallow(torch.empty(1, 3, 131, 131, device="meta"))] == [
+        (1, 32, 65, 65), (1, 44, 33, 33), (1, 264, 17, 17)]
+
+
 @pytest.mark.parametrize("x, match", [
     (torch.zeros(3, 32, 32), r"must be \(N, 3, H, W\) with H, W >= 1, got shape \(3, 32, 32\) \(add the batch"),
     (torch.zeros(1, 4, 32, 32), r"must be \(N, 3, H, W\)"),

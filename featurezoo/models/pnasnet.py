@@ -254,9 +254,9 @@ def _create_pnasnet(variant: str, pretrained: bool = False, **kwargs) -> Pnasnet
 def _cfg(url: str = "", **kwargs):
     return dict(url=url, num_classes=1000, first_conv="conv_0.conv", classifier="last_linear",
                 valid_padding="unpadded 3x3 stride-2 stem; cell_3 needs an even stride-8 map (MindCV too)",
-                side_rule=SideRule(16, (11, 12, 13, 14, 15, 0, 1, 2), minimum=30),
+                side_rules=(SideRule(16, (11, 12, 13, 14, 15, 0, 1, 2), minimum=30, from_reduction=16),),
                 size_note="MindCV's TensorFlow-padding emulation lines up only for an even stride-8 map: "
-                          "sides 16k-5..16k+2 px", **kwargs)
+                          "sides 16k-5..16k+2 px for the stride-16 and -32 levels", **kwargs)
 
 
 default_cfgs: Dict = generate_default_cfgs({
