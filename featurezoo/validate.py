@@ -67,7 +67,7 @@ def accepted_keywords(fn: Callable[..., Any]) -> Optional[Set[str]]:
         names: Set[str] = set()
         for cls in fn.__mro__:
             if cls in (nn.Module, object):
-                return names
+                return names - {"self"}
             init = cls.__dict__.get("__init__")
             if init is None:
                 continue

@@ -363,10 +363,9 @@ def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet
 def _cfg(url: str = "", **kwargs):
     return dict(url=url, num_classes=1000, input_size=(3, 256, 256), first_conv="stem.conv1.conv",
                 classifier="classifier", input_sides=(256, 249),
-                side_rules=(SideRule(32, (0, 29, 30, 31), from_reduction=8),
-                            SideRule(256, (0, *range(249, 256)), minimum=249, from_reduction=16)),
+                side_rules=(SideRule(256, (0, *range(249, 256)), minimum=249, from_reduction=8),),
                 size_note="halo attention needs every stage map divisible by its block size 8: sides 256k-7..256k px "
-                          "(32k-3..32k px up to stage2)",
+                          "(stage1 and before run at any size)",
                 **kwargs)
 
 
