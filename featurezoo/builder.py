@@ -1,22 +1,24 @@
 """``build_model_with_cfg``: the one place a model is built, optionally given
 pretrained weights, and optionally wrapped for feature extraction.
 
-Layer: imports :mod:`featurezoo.cfg`, :mod:`featurezoo.registry`,
+Layer: imports :mod:`featurezoo.cfg`, :mod:`featurezoo.validate`, :mod:`featurezoo.registry`,
 :mod:`featurezoo.features` and :mod:`featurezoo.checkpoint`.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch.nn as nn
 
-from .cfg import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ModelCfg, generate_default_cfgs, resolve_cfg
+from .cfg import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ModelCfg, SideRule, generate_default_cfgs, resolve_cfg
 from .checkpoint import load_pretrained
 from .features import FeatureExtractWrapper
 from .registry import current_model_name, model_module, models_with_output_stride
+from .validate import check_builder_args, check_input_size, check_keywords
 
-__all__ = ["ModelCfg", "build_model_with_cfg", "resolve_cfg", "generate_default_cfgs",
+__all__ = ["ModelCfg", "SideRule", "build_model_with_cfg", "resolve_cfg", "generate_default_cfgs",
            "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD"]
 
 _logger = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ def build_model_with_cfg(
             see :class:`featurezoo.features.FeatureExtractWrapper`.
     """
     cfg = resolve_cfg(default_cfg, name=current_model_name() or getattr(model_cls, "__name__", ""))
+    check_builder_args(cfg.name, dict(kwargs, pretrained=pretrained, features_only=features_only))
+    check_keywords(cfg.name, model_cls, kwargs, also_valid=_WRAPPER_KEYWORDS)
     if not features_only:
         given = {k: v for k, v in dict(out_indices=out_indices, as_dict=as_dict, level_names=level_names,
                                        frozen_stages=frozen_stages, norm_eval=norm_eval).items()
@@ -66,6 +70,8 @@ def build_model_with_cfg(
         kwargs["output_stride"] = _check_output_stride(cfg, output_stride)
     model = model_cls(**kwargs)
     model.default_cfg = cfg
+    if cfg.min_input_size or cfg.side_rules:
+        model.register_forward_pre_hook(_InputSizeCheck(cfg))
 
     if features_only:
         model = FeatureExtractWrapper(model, out_indices=out_indices, model_name=cfg.name, as_dict=as_dict,
@@ -76,6 +82,23 @@ def build_model_with_cfg(
             model, cfg, num_classes=kwargs.get("num_classes", cfg.num_classes), in_channels=kwargs.get("in_channels", 3)
         )
     return model
+
+
+# The keywords build_model_with_cfg takes out before the model class sees the rest.
+_WRAPPER_KEYWORDS = tuple(n for n in inspect.signature(build_model_with_cfg).parameters
+                          if n not in ("model_cls", "default_cfg", "kwargs"))
+
+
+class _InputSizeCheck:
+    """Forward pre-hook refusing input sizes the cfg declares invalid (a class, not a closure,
+    so the model still pickles and deep-copies). The feature wrapper makes the same check."""
+
+    def __init__(self, cfg: ModelCfg):
+        self.cfg = cfg
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if args:
+            check_input_size(self.cfg, args[0], self.cfg.name)
 
 
 def _check_output_stride(cfg: ModelCfg, output_stride: Any) -> int:

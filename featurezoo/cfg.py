@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-__all__ = ["ModelCfg", "resolve_cfg", "generate_default_cfgs", "RenameRules", "IndexMap",
+__all__ = ["ModelCfg", "resolve_cfg", "generate_default_cfgs", "RenameRules", "IndexMap", "SideRule",
            "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD"]
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -47,6 +47,44 @@ class IndexMap:
     def __call__(self, match: "re.Match[str]") -> str:
         values = [scale * int(match.group(i + 1)) + offset for i, (scale, offset) in enumerate(self.terms)]
         return self.template.format(*values)
+
+
+@dataclass(frozen=True)
+class SideRule:
+    """The input sides a model takes: ``side >= minimum`` and ``side % modulus`` in ``residues``
+    (NASNet's padding emulation: ``SideRule(16, (11, 12, 13, 14, 15, 0, 1, 2))``). A feature model
+    is held to the rule only when it outputs a level of reduction ``from_reduction`` or deeper (the
+    levels before the layer that needs it run at any size); the classifier always is.
+
+    >>> SideRule(16, (0, 1)).accepts(64), SideRule(16, (0, 1)).accepts(66), SideRule(16, (0, 1)).nearest(66)
+    (True, False, [64, 65, 80, 81])
+    """
+
+    modulus: int
+    residues: Tuple[int, ...]
+    minimum: int = 1
+    from_reduction: int = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.modulus, int) and self.modulus > 0 and self.residues
+                and all(isinstance(r, int) and 0 <= r < self.modulus for r in self.residues)):
+            raise ValueError(f"SideRule({self.modulus!r}, {self.residues!r}): residues must be ints in "
+                             f"0..modulus-1, modulus a positive int")
+        object.__setattr__(self, "residues", tuple(sorted(set(self.residues))))
+
+    def accepts(self, side: int) -> bool:
+        return side >= self.minimum and side % self.modulus in self.residues
+
+    def nearest(self, side: int, count: int = 2) -> List[int]:
+        """The ``count`` valid sides below and above ``side`` (fewer near ``minimum``)."""
+        below = [s for s in range(side - 1, max(self.minimum, side - 4 * self.modulus) - 1, -1) if self.accepts(s)]
+        above = [s for s in range(max(side + 1, self.minimum), side + 4 * self.modulus + self.minimum)
+                 if self.accepts(s)]
+        return sorted(below[:count] + above[:count])
+
+    def describe(self) -> str:
+        return (f"sides s with s % {self.modulus} in {list(self.residues)}"
+                + (f" and s >= {self.minimum}" if self.minimum > 1 else ""))
 
 
 # ((regex, replacement), ...) applied in order to checkpoint names (``re.sub``); a
@@ -93,6 +131,10 @@ class ModelCfg:
         fixed_input_size: the classifier accepts only ``input_size`` (e.g. a
             flattening head); feature models may still take other sizes.
         min_input_size: the smallest input the model runs at.
+        side_rules: :class:`SideRule` s every input side must satisfy; the
+            feature model (for the levels a rule covers) and the classifier
+            refuse other sizes with a ``ValueError`` (checked before the
+            forward, see :func:`featurezoo.validate.check_input_size`).
         input_sides: when not ``()``, the model runs only at these square
             sides (and sizes of the same rule, given in ``size_note``).
         valid_padding: why, if so, the maps are smaller than
@@ -128,6 +170,7 @@ class ModelCfg:
     fixed_input_size: bool = False
     min_input_size: Optional[Tuple[int, int, int]] = None
     input_sides: Tuple[int, ...] = ()
+    side_rules: Tuple[SideRule, ...] = ()
     valid_padding: str = ""
     size_note: str = ""
     output_strides: Tuple[int, ...] = ()
@@ -157,7 +200,11 @@ class ModelCfg:
             raise ValueError(f"{who}: timm_renames/timm_convert are declared but timm_twin is empty")
         if self.timm_convert is not None and not callable(self.timm_convert):
             raise ValueError(f"{who}: timm_convert must be callable, got {self.timm_convert!r}")
-        if (self.input_sides or self.fixed_input_size or self.min_input_size) and not self.size_note:
+        if not isinstance(self.side_rules, (list, tuple)) or not all(isinstance(r, SideRule) for r in self.side_rules):
+            raise ValueError(f"{who}: side_rules must be a tuple of featurezoo.cfg.SideRule, got {self.side_rules!r}")
+        object.__setattr__(self, "side_rules", tuple(self.side_rules))
+        if (self.input_sides or self.fixed_input_size or self.min_input_size or self.side_rules) \
+                and not self.size_note:
             raise ValueError(f"{who}: input-size constraints need a size_note saying why")
 
     @property

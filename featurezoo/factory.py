@@ -1,16 +1,18 @@
 """``create_model``: MindCV's signature and meaning, on PyTorch.
 
-Layer: imports :mod:`featurezoo.registry` and :mod:`featurezoo.checkpoint`; the
+Layer: imports :mod:`featurezoo.registry`, :mod:`featurezoo.validate` and :mod:`featurezoo.checkpoint`; the
 builders it calls (family modules) use :mod:`featurezoo.builder`.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence, Union
 
 import torch.nn as nn
 
 from .checkpoint import load_checkpoint
 from .registry import call_builder
+from .validate import check_builder_args
 
 __all__ = ["create_model"]
 
@@ -50,6 +52,9 @@ def create_model(
     >>> m.out_channels
     [64, 128, 256, 512]
     """
+    check_builder_args(str(model_name), dict(ema=ema, auto_mapping=auto_mapping))
+    if not isinstance(checkpoint_path, (str, os.PathLike)):
+        raise ValueError(f"checkpoint_path={checkpoint_path!r} is not valid; use a path (str) or '' for none")
     if checkpoint_path and pretrained:
         raise ValueError("checkpoint_path and pretrained=True are mutually exclusive; pass one of them")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}

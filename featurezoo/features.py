@@ -27,10 +27,23 @@ guide). :class:`FeatureExtractWrapper` then serves one of three kinds of model:
 each holds the model's own modules, parameters and buffers under their own
 names, so ``state_dict()`` keys are the full model's keys for what it kept.
 
-Layer: imports :mod:`featurezoo.registry` (for meta-device builds) only.
+At wrap time the declarations are checked against one forward of the model (on
+the meta device, its weights swapped for meta tensors and put back; a small
+real input only if it cannot run there; in eval mode, without gradients):
+every entry's channels and stride, and, for a sequential
+model, that its forward really is the chain the wrapper will run (each feature
+module called once, in registration order, each taking the previous one's
+output). Declarations that pass are remembered per architecture, so wrapping
+the same model again costs no forward. The zoo's own models are not probed at
+wrap time: tests/test_contract.py checks every one of them the same way, at two
+sizes, so a user's create_model pays nothing for them.
+
+Layer: imports :mod:`featurezoo.registry` (for meta-device builds), :mod:`featurezoo.freezing`
+and :mod:`featurezoo.validate`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import OrderedDict
@@ -42,6 +55,7 @@ import torch.nn as nn
 from .freezing import (apply_eval_modes, check_frozen_stages, frozen_modules, frozen_parameter_names,
                        num_stages, probe_input_size)
 from .registry import build_on_meta
+from .validate import check_input_size, check_input_tensor
 
 __all__ = ["FeatureInfo", "FeatureExtractWrapper", "SequentialFeatures", "LevelFeatures", "RewrittenFeatures",
            "normalize_out_indices", "take_levels", "get_feature_info", "PYRAMID", "ShapeSpec"]
@@ -95,6 +109,10 @@ class FeatureInfo:
         if fmt not in _FORMATS:
             raise ValueError(f"{where}['fmt'] = {fmt!r}; valid: {list(_FORMATS)}")
         if module is not None:
+            for j, earlier in enumerate(self.info):
+                if earlier["name"] == name:
+                    raise ValueError(f"{where}['name'] = {name!r} is also entry {j}'s module; each entry must name "
+                                     f"a different module (one module has one output)")
             try:
                 module.get_submodule(name)
             except AttributeError:
@@ -324,6 +342,20 @@ def _in_channels(model: nn.Module) -> int:
     return 3
 
 
+def _input_conv(model: nn.Module) -> Optional[nn.Conv2d]:
+    """The conv that takes the input, for checking inputs: the declared first conv, else the first
+    module if it is a conv (a user model whose first module is not one may take anything: ``None``)."""
+    for name in getattr(getattr(model, "default_cfg", None), "first_conv_names", ()):
+        try:
+            first = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(first, nn.Conv2d):
+            return first
+    first = next((m for m in model.modules() if m is not model), None)
+    return first if isinstance(first, nn.Conv2d) else None
+
+
 def take_levels(indices: Sequence[int], num_levels: int) -> Tuple[FrozenSet[int], int]:
     """The start of every ``forward_levels`` / ``prune_levels``: the set of requested
     ``feature_info`` entries and the deepest one, checked (``ValueError`` if empty or out of range)."""
@@ -387,6 +419,7 @@ class FeatureExtractWrapper(nn.Module):
         cfg = getattr(model, "default_cfg", None)
         stage_modules = tuple(getattr(cfg, "stage_modules", ()) or ())
         frozen_stages = check_frozen_stages(frozen_stages, num_stages(full_info.info, stage_modules), name)
+        self._verify_declarations(model, full_info, cfg)
         frozen: set = set()
         if frozen_stages >= 0:
             # Read on the complete model, before anything is pruned: the stages' own forward.
@@ -404,6 +437,9 @@ class FeatureExtractWrapper(nn.Module):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self._full_feature_info = full_info
+        self._deepest_reduction = max(self.feature_info.reduction())
+        # Not a submodule attribute (that would add a state_dict key): a plain reference.
+        object.__setattr__(self, "_input_conv", _input_conv(model))
         self.full_state_keys = frozenset(model.state_dict())
         self._prune(model, full_info, indices)
         for pname, p in model.named_parameters():
@@ -431,7 +467,53 @@ class FeatureExtractWrapper(nn.Module):
         """The selected entries, in ``out_indices`` order."""
         raise NotImplementedError
 
+    # -- the wrap-time check of what the model declares ------------------------------------------
+    def _verify_declarations(self, model: nn.Module, info: FeatureInfo, cfg: Any) -> None:
+        """Check every entry's ``chs`` and ``reduction`` against one forward (two for an entry whose
+        maps are smaller than ``ceil(size / reduction)``: unpadded layers), and what the kind of
+        model needs of its forward. Passed declarations are remembered per architecture."""
+        if type(model).__module__.startswith(_TESTED_FAMILIES):
+            return
+        key = _architecture_key(type(self), model, info, cfg)
+        if key is not None and key in _VERIFIED:
+            return
+        side = probe_input_size(cfg)[0]
+        in_chs = _in_channels(model)
+        first = _probe(lambda x: self._probe_levels(model, info, x), model, side, in_chs)
+        if first is None:
+            return  # the model cannot run this probe (logged); its declarations stay unchecked
+        second = None
+        for i, (entry, out) in enumerate(zip(info, first)):
+            _check_output(info, i, out, side)
+            if "grid" in entry or out.shape[-2:] == _ceil_shape(side, entry["reduction"]):
+                continue
+            if second is None:
+                step = math.lcm(*(e["reduction"] for e in info))
+                step = math.lcm(step, *(r.modulus for r in getattr(cfg, "side_rules", ())))
+                second = _probe(lambda x: self._probe_levels(model, info, x), model, side + step, in_chs)
+                if second is None:
+                    return
+            grew = [b - a for a, b in zip(out.shape[-2:], second[i].shape[-2:])]
+            if grew != [step // entry["reduction"]] * 2:
+                raise ValueError(
+                    f"{info.model_name}: feature_info[{i}] ({entry['name']!r}) declares reduction="
+                    f"{entry['reduction']}, but its maps are {tuple(out.shape[-2:])} at {side} px and "
+                    f"{tuple(second[i].shape[-2:])} at {side + step} px (a stride of {_stride(step, grew)}). "
+                    f"Declared entries:\n{info.table()}")
+        if key is not None:
+            _VERIFIED.add(key)
+
+    def _probe_levels(self, model: nn.Module, info: FeatureInfo, x: torch.Tensor) -> List[torch.Tensor]:
+        """Every entry's output for the wrap-time check (the kind's own forward path)."""
+        return self._levels_of(model, info, list(range(len(info))), x)
+
     def forward(self, x: torch.Tensor) -> Union[List[torch.Tensor], "OrderedDict[str, torch.Tensor]"]:
+        # Not while tracing (FX proxies, dynamo/export): the graph is for inputs already checked.
+        if not (torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy)):
+            conv = self._input_conv
+            check_input_tensor(self.model_name, x, conv.in_channels if conv is not None else None,
+                               conv.weight.dtype if conv is not None else None)
+            check_input_size(self.default_cfg, x, self.model_name, self._deepest_reduction)
         feats = self._levels(x)
         if self.as_dict:
             return OrderedDict(zip(self.level_names, feats))
@@ -453,6 +535,122 @@ class FeatureExtractWrapper(nn.Module):
         extra += ", norm_eval=True" if self.norm_eval else ""
         extra += ", as_dict=True" if self.as_dict else ""
         return f"model={self.model_name}, out_indices={self.out_indices}{extra}"
+
+
+# Architectures whose declarations passed the wrap-time check (see _architecture_key).
+_VERIFIED: Set[Tuple[Any, ...]] = set()
+# Model classes from these modules are checked by the test suite, not at wrap time.
+_TESTED_FAMILIES: Tuple[str, ...] = ("featurezoo.models.",)
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _architecture_key(kind: type, model: nn.Module, info: FeatureInfo, cfg: Any) -> Optional[Tuple[Any, ...]]:
+    """What the check's verdict depends on: the wrapper kind, the model class, its declarations, its
+    module tree with every tensor's shape, and its size facts. ``None`` (no caching) for a model
+    whose class defines no stable identity (a class made in a function may be re-made with other code)."""
+    cls = type(model)
+    if "<locals>" in cls.__qualname__:
+        return None
+    tree = tuple((n, type(m).__name__,
+                  tuple((k, tuple(t.shape)) for k, t in list(m._parameters.items()) + list(m._buffers.items())
+                        if t is not None),
+                  tuple((k, v) for k, v in vars(m).items()
+                        if isinstance(v, _PLAIN) or isinstance(v, tuple) and all(isinstance(u, _PLAIN) for u in v)))
+                 for n, m in model.named_modules())
+    facts = (getattr(cfg, "input_sides", ()), getattr(cfg, "min_input_size", None), getattr(cfg, "side_rules", ()),
+             getattr(cfg, "valid_padding", ""))
+    return (kind, cls.__module__, cls.__qualname__, repr(info.info), tree, facts)
+
+
+class _Probe:
+    """Eval mode, no gradients, then each module's own training flag back."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.grad = torch.is_grad_enabled()
+        self.model.eval()
+        torch.set_grad_enabled(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_grad_enabled(self.grad)
+        for m, flag in self.flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def _weights_on_meta(model: nn.Module) -> Iterator[None]:
+    """Every parameter and buffer swapped for a meta tensor of its shape (tied ones stay tied),
+    and put back afterwards whatever happens: a forward for shapes only, no arithmetic."""
+    saved: List[Tuple[Dict[str, Any], str, torch.Tensor]] = []
+    memo: Dict[int, torch.Tensor] = {}
+    try:
+        for m in model.modules():
+            for store in (m._parameters, m._buffers):
+                for k, v in list(store.items()):
+                    if v is None or v.is_meta:
+                        continue
+                    if id(v) not in memo:
+                        meta = torch.empty_like(v, device="meta")
+                        memo[id(v)] = nn.Parameter(meta, v.requires_grad) if isinstance(v, nn.Parameter) else meta
+                    saved.append((store, k, v))
+                    store[k] = memo[id(v)]
+        yield
+    finally:
+        for store, k, v in saved:
+            store[k] = v
+
+
+def _probe(run: Any, model: nn.Module, side: int, in_chs: int) -> Optional[List[torch.Tensor]]:
+    """``run`` on one ``side`` x ``side`` input: on the meta device (weights swapped for meta tensors),
+    else, for a model that cannot run there (tensors held outside its parameters and buffers), on its
+    own device. ``None`` (logged) if neither runs."""
+    conv = _input_conv(model)
+    first = conv.weight if conv is not None else next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    failure = None
+    for where in ("meta", device):
+        x = torch.zeros(1, in_chs, side, side, device=where, dtype=dtype)
+        try:
+            with _Probe(model), (_weights_on_meta(model) if where == "meta" else contextlib.nullcontext()):
+                return list(run(x))
+        except ValueError:
+            raise
+        except Exception as err:  # a forward that cannot run on this probe: nothing to compare against
+            failure = err
+        if first is None or first.is_meta:
+            break
+    _logger.warning("%s: feature_info not checked against a forward at %d px (%s: %s)", type(model).__name__,
+                    side, type(failure).__name__, str(failure).splitlines()[0][:200] if str(failure) else "")
+    return None
+
+
+def _ceil_shape(side: int, reduction: int) -> torch.Size:
+    return torch.Size([-(-side // reduction)] * 2)
+
+
+def _stride(step: int, grew: Sequence[int]) -> str:
+    return "/".join(str(step // g) if g > 0 else "?" for g in grew)
+
+
+def _check_output(info: FeatureInfo, i: int, out: Any, side: int) -> None:
+    entry = info[i]
+    where = f"{info.model_name}: feature_info[{i}] ({entry['name']!r})"
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        got = f"a {out.dim()}-d tensor {tuple(out.shape)}" if isinstance(out, torch.Tensor) else \
+            f"a {type(out).__name__}"
+        raise ValueError(f"{where}: the forward gives {got} at {side} px, not an NCHW map. Declared entries:\n"
+                         f"{info.table()}")
+    if out.shape[1] != entry["chs"]:
+        raise ValueError(f"{where} declares chs={entry['chs']}, but the module outputs {out.shape[1]} channels "
+                         f"(shape {tuple(out.shape)} at {side} px). Declared entries:\n{info.table()}")
+
+
+class _StopProbe(Exception):
+    """Raised by the probe's hook once the deepest feature module has run."""
 
 
 class SequentialFeatures(FeatureExtractWrapper):
@@ -487,6 +685,62 @@ class SequentialFeatures(FeatureExtractWrapper):
 
     def _levels(self, x: torch.Tensor) -> List[torch.Tensor]:
         return self._run(self._steps, self._capture, self._to_nchw, len(self.out_indices), x)
+
+    def _probe_levels(self, model: nn.Module, info: FeatureInfo, x: torch.Tensor) -> List[torch.Tensor]:
+        """Every entry's output, read by hooks from the model's *own* forward, which must be the chain
+        the wrapper runs: the plan's modules each called once, in order, each on the previous one's
+        output (the first on the input). What it cannot serve (a module called twice or never, work
+        between modules) is a ``ValueError``. The forward stops once the deepest feature module ran."""
+        names = info.module_name()
+        steps = _sequential_plan(model, names, info.model_name)
+        calls: List[Tuple[str, Any, Any]] = []
+        last = steps[-1][0]
+
+        def hook(name: str) -> Any:
+            def record(module: nn.Module, args: Any, out: Any) -> None:
+                calls.append((name, args[0] if args else None, out))
+                if name == last:
+                    raise _StopProbe
+            return record
+
+        handles = [module.register_forward_hook(hook(name)) for name, module in steps]
+        try:
+            model(x)
+        except _StopProbe:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        _check_chain(info.model_name, [n for n, _ in steps], calls, x)
+        outs = {name: out for name, _, out in calls}
+        nhwc = {e["name"] for e in info if e.get("fmt", "NCHW") == "NHWC"}
+        return [outs[n].permute(0, 3, 1, 2) if n in nhwc and isinstance(outs[n], torch.Tensor) else outs[n]
+                for n in names]
+
+
+def _check_chain(model_name: str, plan: List[str], calls: List[Tuple[str, Any, Any]], x: torch.Tensor) -> None:
+    """The recorded calls are exactly ``plan``, in order, each fed the previous output."""
+    order = [name for name, _, _ in calls]
+    hint = ("the sequential strategy runs the top-level modules (entering nn.Sequential containers) in "
+            "registration order, each once, on the previous one's output; give the model forward_levels / "
+            "prune_levels or is_rewritten = True")
+    seen: Set[str] = set()
+    for name in order:
+        if name in seen:
+            raise ValueError(f"{model_name}: its forward calls {name!r} more than once; {hint}")
+        seen.add(name)
+    if order != plan:
+        skipped = [n for n in plan if n not in seen]
+        what = (f"never calls {skipped}" if skipped and order == [n for n in plan if n in seen]
+                else f"calls the modules in the order {order}, not their registration order {plan}")
+        raise ValueError(f"{model_name}: its forward {what}; {hint}")
+    previous: Any = x
+    for name, given, out in calls:
+        if given is not previous:
+            before = "the input" if previous is x else f"the output of the module before {name!r}"
+            raise ValueError(f"{model_name}: its forward does not feed {before} straight into {name!r} (there is "
+                             f"work between the modules, which the wrapper would skip); {hint}")
+        previous = out
 
 
 class LevelFeatures(FeatureExtractWrapper):
@@ -526,7 +780,7 @@ class RewrittenFeatures(FeatureExtractWrapper):
         feats = model.forward_features(x)
         if not isinstance(feats, (list, tuple)) or len(feats) != len(info):
             got = f"{len(feats)} tensors" if isinstance(feats, (list, tuple)) else f"a {type(feats).__name__}"
-            raise RuntimeError(
+            raise ValueError(
                 f"{info.model_name}: forward_features returned {got} but feature_info has "
                 f"{len(info)} entries; an is_rewritten model must return a list with one "
                 f"tensor per entry"

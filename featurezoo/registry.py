@@ -8,7 +8,7 @@ timm's registry does); a builder missing from a module's ``default_cfgs`` is an
 error at import. Every question about a model that its cfg answers (weights
 URL, input size, timm twin, ...) is answered here without building it.
 
-Layer: imports only :mod:`featurezoo.cfg`. Calling a builder (``call_builder``,
+Layer: imports only :mod:`featurezoo.cfg` and :mod:`featurezoo.validate`. Calling a builder (``call_builder``,
 ``build_on_meta``) runs code of the layers above, which this module never imports.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .cfg import ModelCfg, resolve_cfg
+from .validate import check_builder_args, check_keywords
 
 __all__ = ["register_model", "list_models", "is_model", "model_entrypoint", "list_modules", "model_module",
            "get_model_cfg", "call_builder", "build_on_meta", "current_model_name", "supports_features",
@@ -141,13 +142,31 @@ def current_model_name() -> str:
 
 
 def call_builder(model_name: str, **kwargs: Any) -> nn.Module:
-    """Run ``model_name``'s builder with ``kwargs``, telling the builder which name it builds."""
+    """Run ``model_name``'s builder with ``kwargs``, telling the builder which name it builds.
+
+    Arguments are checked first (:func:`featurezoo.validate.check_builder_args`); a keyword the
+    builder fixes itself (``layers=`` for ``resnet50``) is a ``ValueError``, not a ``TypeError``."""
     fn = model_entrypoint(model_name)
+    check_builder_args(model_name, kwargs)
+    check_keywords(model_name, fn, kwargs)
     token = _building.set(model_name)
     try:
         return fn(**kwargs)
+    except TypeError as err:
+        fixed = _fixed_keyword(err, kwargs)
+        if fixed is None:
+            raise
+        raise ValueError(f"{model_name}: {fixed}={kwargs[fixed]!r} cannot be given; its builder sets {fixed} "
+                         f"itself (it defines the variant). Pick another model instead: see "
+                         f"featurezoo.list_models(module={_model_to_module[model_name]!r})") from None
     finally:
         _building.reset(token)
+
+
+def _fixed_keyword(err: TypeError, kwargs: Mapping[str, Any]) -> Optional[str]:
+    """The caller's keyword that a builder also passes itself ("got multiple values for keyword argument")."""
+    match = re.search(r"got multiple values for (?:keyword )?argument '(\w+)'", str(err))
+    return match.group(1) if match and match.group(1) in kwargs else None
 
 
 def build_on_meta(model_name: str, **kwargs: Any) -> nn.Module:

@@ -19,7 +19,7 @@ PACKAGE = Path(fz.__file__).parent
 
 # Bottom to top; a module may import only from its own layer's lower entries and the layers below.
 LAYERS = [
-    ["featurezoo.cfg", "featurezoo.atomic", "featurezoo._optional", "featurezoo.freezing"],
+    ["featurezoo.cfg", "featurezoo.atomic", "featurezoo._optional", "featurezoo.freezing", "featurezoo.validate"],
     ["featurezoo.registry"],
     ["featurezoo.features", "featurezoo.checkpoint"],
     ["featurezoo.builder"],

@@ -132,7 +132,9 @@ def test_feature_shapes_at_sizes_halo_attention_accepts(size):
 @pytest.mark.parametrize("size", [64, 67, 248])
 def test_sizes_halo_attention_cannot_take_fail_clearly(size):
     model = fz.create_model(NAME, features_only=True).eval()
-    with torch.no_grad(), pytest.raises(ValueError, match="divisible by block_size=8"):
+    # Refused by the declared side rules before the forward, naming the sides nearby that work.
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"{size}x{size} px is not a size it takes.*"
+                                                          r"valid sides near it"):
         model(torch.randn(1, 3, size, size))
     # The levels before the first map that is not a multiple of 8 still work.
     shallow = fz.create_model(NAME, features_only=True, out_indices=[0, 1]).eval()

@@ -1,5 +1,12 @@
 """``load_checkpoint``: all checks first, then one copy, so a failed load
-leaves the model exactly as it was."""
+leaves the model exactly as it was.
+
+The checks, in order: every key a ``str`` and every value a dense tensor with
+data (:func:`featurezoo.validate.check_state_dict`, before any name is mapped);
+names; dtypes that convert meaningfully (:func:`featurezoo.validate.check_tensor_kinds`);
+shapes; missing and unexpected names. Each failure is a :class:`CheckpointError`
+(a ``ValueError``) naming the offending keys.
+"""
 from __future__ import annotations
 
 import logging
@@ -11,6 +18,7 @@ import torch.nn as nn
 
 from ..cfg import ModelCfg
 from ..registry import build_on_meta, get_model_cfg, is_model, list_models, model_module
+from ..validate import check_state_dict, check_tensor_kinds
 from .errors import CheckpointError
 from .io import PathLike, read_state_dict, unwrap_state_dict
 from .mapping import candidate_names, map_names, rename_by_rules
@@ -80,8 +88,10 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, A
       different ``num_classes`` keeps its own (reported as ``skipped_head``).
     * ``source``: ``"timm"`` converts timm's names for models with a timm twin;
       ``"auto"`` (default) does so when the names are timm's and not ours.
-    * Errors (``CheckpointError``, model untouched): unreadable file, shape
-      mismatch, and, when ``strict``, missing or unexpected names.
+    * Errors (``CheckpointError``, model untouched): unreadable file, a key that
+      is not a ``str``, a value that is not a dense tensor with data (meta,
+      sparse, quantized), a dtype of the wrong kind (bool or int into a float
+      parameter), shape mismatch, and, when ``strict``, missing or unexpected names.
     """
     if source not in _SOURCES:
         raise ValueError(f"source={source!r}; valid: {list(_SOURCES)}")
@@ -92,6 +102,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, A
     where = f"checkpoint {str(checkpoint)!r}" if not isinstance(checkpoint, Mapping) else "state dict"
     raw = checkpoint if isinstance(checkpoint, Mapping) else read_state_dict(checkpoint)
     state = unwrap_state_dict(raw, ema=ema, source=where)
+    check_state_dict(state, where, CheckpointError)
 
     own = model.state_dict()
     shapes = {k: v.shape for k, v in own.items()}
@@ -102,6 +113,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, A
                         model_name=name)
     report = LoadReport(remapped=converted + mapping.remapped, ignored=mapping.training_state + mapping.ema_dropped)
 
+    check_tensor_kinds(mapping.mapped, own, name, where, CheckpointError)
     to_load: Dict[str, torch.Tensor] = {}
     mismatched: List[str] = []
     in_chs = None

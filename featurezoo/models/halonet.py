@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..builder import SideRule, build_model_with_cfg, generate_default_cfgs
 from ..layers.helpers import make_divisible, total_stride
 from ..layers.init import he_uniform, init_weights
 from ..layers.unfold import extract_image_patches
@@ -363,7 +363,9 @@ def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet
 def _cfg(url: str = "", **kwargs):
     return dict(url=url, num_classes=1000, input_size=(3, 256, 256), first_conv="stem.conv1.conv",
                 classifier="classifier", input_sides=(256, 249),
-                size_note="halo attention needs every stage map divisible by its block size 8: sides 256k-7..256k px",
+                side_rules=(SideRule(256, (0, *range(249, 256)), minimum=249, from_reduction=8),),
+                size_note="halo attention needs every stage map divisible by its block size 8: sides 256k-7..256k px "
+                          "(stage1 and before run at any size)",
                 **kwargs)
 
 

@@ -24,7 +24,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..builder import SideRule, build_model_with_cfg, generate_default_cfgs
 from ..layers import AvgPool2d, GlobalAvgPooling, MaxPool2d
 from ..layers.helpers import total_stride
 from ..layers.init import fan_out_normal, init_weights, normal
@@ -330,7 +330,9 @@ def _create_nasnet(variant: str, pretrained: bool = False, **kwargs) -> NASNetAM
 def _cfg(url: str = "", **kwargs):
     return dict(url=url, num_classes=1000, first_conv="conv0.0", classifier="classifier",
                 valid_padding="unpadded 3x3 stride-2 stem; reduction_cell_0 needs an even stride-8 map (MindCV too)",
-                **kwargs)
+                side_rules=(SideRule(16, (11, 12, 13, 14, 15, 0, 1, 2), minimum=30, from_reduction=16),),
+                size_note="MindCV's TensorFlow-padding emulation lines up only for an even stride-8 map: "
+                          "sides 16k-5..16k+2 px for the stride-16 and -32 levels", **kwargs)
 
 
 default_cfgs: Dict = generate_default_cfgs({

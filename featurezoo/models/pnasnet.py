@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..builder import SideRule, build_model_with_cfg, generate_default_cfgs
 from ..layers import GlobalAvgPooling, MaxPool2d
 from ..layers.init import fan_out_normal, init_weights, normal
 from ..layers.nas_cells import CellChain, SeparableConv2d
@@ -253,7 +253,10 @@ def _create_pnasnet(variant: str, pretrained: bool = False, **kwargs) -> Pnasnet
 
 def _cfg(url: str = "", **kwargs):
     return dict(url=url, num_classes=1000, first_conv="conv_0.conv", classifier="last_linear",
-                valid_padding="unpadded 3x3 stride-2 stem; cell_3 needs an even stride-8 map (MindCV too)", **kwargs)
+                valid_padding="unpadded 3x3 stride-2 stem; cell_3 needs an even stride-8 map (MindCV too)",
+                side_rules=(SideRule(16, (11, 12, 13, 14, 15, 0, 1, 2), minimum=30, from_reduction=16),),
+                size_note="MindCV's TensorFlow-padding emulation lines up only for an even stride-8 map: "
+                          "sides 16k-5..16k+2 px for the stride-16 and -32 levels", **kwargs)
 
 
 default_cfgs: Dict = generate_default_cfgs({

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..builder import SideRule, build_model_with_cfg, generate_default_cfgs
 from ..features import take_levels
 from ..registry import register_model
 
@@ -341,7 +341,7 @@ def _create_repmlp(variant: str, pretrained: bool = False, **kwargs) -> RepMLPNe
 def _cfg(url: str = "", side: int = 224, **kwargs):
     # MindCV names "classifier", a module RepMLPNet does not have; ours names the real head.
     return dict(url=url, num_classes=1000, first_conv="conv_embedding.conv.conv", classifier="head_norm,head",
-                fixed_input_size=True, input_sides=(side, 2 * side),
+                fixed_input_size=True, input_sides=(side, 2 * side), side_rules=(SideRule(side, (0, 1, 2, 3), minimum=side),),
                 size_note=f"fc3 weights fix the partition: sides {side}k..{side}k+3 px only", **kwargs)
 
 
