@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..inference import InferenceModel
 from . import ray_engine
 from .data import ExtractError, ImageBatches, PathLike
 from .plan import (ExtractSummary, OutIndices, Plan, already_complete, build_feature_model, check_arguments,
@@ -131,6 +132,7 @@ def extract_features(
     model_workers: Optional[int] = None,
     cpus_per_worker: Optional[float] = None,
     gpus_per_worker: Optional[float] = None,
+    eager: bool = False,
 ) -> ExtractSummary:
     """Run ``model_name``'s feature model over ``inputs`` and store the features in ``out_dir``.
 
@@ -149,6 +151,8 @@ def extract_features(
             :func:`choose_workers` (in-process when decoding is cheap next to the model).
             Local engine only.
         dtype: model and stored dtype.
+        eager: run the eager model instead of the inference path (recorded as ``path`` in meta.json's
+            run; resuming with the other path is allowed, float32 outputs agree within 1e-5 of max).
         checkpoint_path / pretrained: the weights; with neither the model is
             randomly initialised (seed :data:`RANDOM_INIT_SEED`) and a warning is logged.
         size: ``(H, W)`` of the model input; default the model's cfg.
@@ -192,7 +196,8 @@ def extract_features(
     if done_already is not None:
         return done_already
     warn_random_init(job)
-    model = build_feature_model(model_name, job.indices, checkpoint_path, pretrained, job.preprocess.size)
+    model = build_feature_model(model_name, job.indices, checkpoint_path, pretrained, job.preprocess.size,
+                                eager=eager)
     model.to(device=job.device, dtype=job.dtype)
 
     done = plan.store.begin(overwrite=overwrite, versions=versions(), engine="local")
@@ -269,5 +274,6 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
     return finish(plan, before, done, seconds,
                   {"workers": n_workers, "workers_auto": auto,
                    "decode_model_ratio": None if ratio is None else round(ratio, 4),
-                   "threads": threads or torch.get_num_threads(), "device": str(dev)},
+                   "threads": threads or torch.get_num_threads(), "device": str(dev),
+                   "path": "inference" if isinstance(model, InferenceModel) else "eager"},
                   workers=n_workers)
