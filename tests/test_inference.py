@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import featurezoo as fz
 from featurezoo import build_model_with_cfg, create_model, register_model
+from featurezoo.extract import build_feature_model
 from featurezoo.inference import InferenceModel, bf16_support, hardware_report
 from featurezoo.freezing import probe_input_size
 from featurezoo.registry import model_module
@@ -205,3 +206,13 @@ def test_bfloat16_outputs_are_float32_and_near_float32():
     # bfloat16 keeps 8 significant bits (relative rounding 2^-9 ~ 2e-3 per operation).
     _assert_close("resnet18 bf16", ref, got, rtol=5e-2)
     assert max((a - b).abs().max().item() for a, b in zip(ref, got)) > 0  # it did run in bfloat16
+
+
+def test_extraction_builds_the_inference_path_unless_eager():
+    fast = build_feature_model("_inference_seqnet", [0, 1])
+    eager = build_feature_model("_inference_seqnet", [0, 1], eager=True)
+    assert isinstance(fast, InferenceModel) and fast.folded == [("layers.3", "layers.4")]
+    assert not isinstance(eager, InferenceModel) and not eager.training
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        _assert_close("seqnet", eager(x), fast(x))
