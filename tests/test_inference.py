@@ -56,7 +56,8 @@ def test_every_model_matches_eager(name):
     """Each model of the zoo, built once, at its smallest size (64 px unless its size facts say
     otherwise), batch 2, random BatchNorm statistics: the inference path equals eager float32 within
     1e-5 of max. Where float32 is not that exact (a deep net's rounding, which channels-last reorders), the
-    same transformations in float64 must equal eager float64 within 1e-9, and float32 agree within 1e-4."""
+    same transformations in float64 must equal eager float64 within 1e-9, and the float32 difference stay
+    within 1e-5 + 3x eager float32's own distance from float64."""
     gen = torch.Generator().manual_seed(0)
     model = create_model(name, features_only=True).eval()
     n_bn = _randomise_norms(model, gen)
@@ -71,13 +72,14 @@ def test_every_model_matches_eager(name):
     err = _max_rel_err(ref, got)
     if err > RTOL:
         # float32 is not 1e-5 exact here (channels-last reorders a deep net's sums): the transformations
-        # must then be exact in float64, and the float32 difference within float32 conditioning.
+        # must then be exact in float64, and the float32 difference of the order of eager float32's own
+        # distance from float64 (two roundings of the same sums).
         model, x = model.double(), x.double()
         with torch.no_grad():
             exact = model(x)
             exact_err = _max_rel_err(exact, fz.optimize_for_inference(model, example_input=x[:1])(x))
             eager_err = _max_rel_err(exact, ref)
-        assert exact_err <= 1e-9 and err <= 1e-4, (
+        assert exact_err <= 1e-9 and err <= RTOL + 3 * eager_err, (
             f"{name}: inference path {err:.3g} of max from eager float32 (eager itself {eager_err:.3g} from "
             f"float64), {exact_err:.3g} in float64")
 
