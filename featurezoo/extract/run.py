@@ -173,6 +173,9 @@ def extract_features(
     common = dict(out_indices=out_indices, pool=pool, batch_size=batch_size, dtype=dtype,
                   checkpoint_path=checkpoint_path, pretrained=pretrained, size=size, jpeg_draft=jpeg_draft)
     if engine == "ray":
+        if eager:
+            raise ExtractError("eager is for the local engine; the Ray engine's model workers run the inference "
+                               "path (float32 features within 1e-5 of the eager model's largest value)")
         if workers is not None:
             raise ExtractError("workers (decoding processes) is for the local engine; with engine 'ray' images "
                                "are decoded by Ray tasks on the cluster's CPUs")
