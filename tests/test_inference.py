@@ -9,8 +9,8 @@ import torch.nn as nn
 import featurezoo as fz
 from featurezoo import build_model_with_cfg, create_model, register_model
 from featurezoo.extract import build_feature_model
-from featurezoo.inference import InferenceModel, bf16_support, hardware_report
 from featurezoo.freezing import probe_input_size
+from featurezoo.inference import InferenceModel, bf16_support, hardware_report
 from featurezoo.registry import model_module
 from tests.zoo import HUGE_MODELS, zoo_models
 
