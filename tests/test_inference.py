@@ -69,6 +69,10 @@ def test_every_model_matches_eager(name):
     with torch.no_grad():
         got = fast(x)
     assert [tuple(t.shape) for t in _outputs(got)] == [tuple(t.shape) for t in _outputs(ref)]
+    # Every BatchNorm is folded into its conv, kept (its input has another use) or re-parameterised away.
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert left + len(fast.folded) == n_bn if not fast.reparameterized else left + len(fast.folded) <= n_bn
+    assert not any(getattr(m, "deploy", True) is False for m in fast.modules() if hasattr(m, "reparameterize"))
     err = _max_rel_err(ref, got)
     if err > RTOL:
         # float32 is not 1e-5 exact here (channels-last reorders a deep net's sums): the transformations
