@@ -24,6 +24,7 @@ import torch
 
 import featurezoo as fz
 from featurezoo.atomic import atomic_write
+from featurezoo.freezing import probe_input_size
 from featurezoo.inference import bf16_support
 from featurezoo.registry import model_module
 
@@ -45,8 +46,9 @@ def errors(name: str, size: int, std: float) -> List[float]:
     torch.manual_seed(0)
     model = fz.create_model(name, features_only=True).eval()
     cfg = model.default_cfg
+    low = probe_input_size(cfg)  # the smallest size the model takes (its input_sides, valid padding)
     sides = tuple(cfg.input_sides or ())
-    h = w = sides[0] if sides else size
+    h, w = (sides[0], sides[0]) if sides else (max(size, low[0]), max(size, low[1]))
     x = torch.randn(1, cfg.input_size[0], h, w) * std
     with torch.no_grad():
         ref = fz.optimize_for_inference(model)(x)
