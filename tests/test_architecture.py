@@ -26,7 +26,7 @@ LAYERS = [
     ["featurezoo.factory"],
     ["featurezoo.layers", "featurezoo.necks", "featurezoo.models", "featurezoo.detection", "featurezoo.fx",
      "featurezoo.discovery",
-     "featurezoo.onnx_export"],
+     "featurezoo.onnx_export", "featurezoo.inference"],
     ["featurezoo.cli", "featurezoo.extract"],
 ]
 

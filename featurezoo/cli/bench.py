@@ -1,4 +1,6 @@
-"""``featurezoo bench MODEL``: images/s, latency and peak memory of a feature model."""
+"""``featurezoo bench MODEL``: images/s, latency and peak memory of a feature model, on the inference
+path (:func:`featurezoo.optimize_for_inference`) unless ``--eager``; prints the CPU's detected vector
+capability and bfloat16 support."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from ..extract import DTYPES, build_feature_model, probe_model, resolve_device, resolve_dtype
-from .common import EXIT_OK, add_levels, check_model, nonneg_int, parse_size, positive_int, table
+from ..inference import hardware_report, optimize_for_inference
+from .common import EXIT_OK, UsageError, add_levels, check_model, nonneg_int, parse_size, positive_int, table
 
 __all__ = ["NAME", "add_parser", "run", "time_forward"]
 
@@ -25,7 +28,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="default: 8")
     p.add_argument("--size", type=parse_size, metavar="H[xW]")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="bfloat16 runs under autocast on the inference path (needs bfloat16 hardware); with "
+                        "--eager, and for float16, the weights are converted")
+    p.add_argument("--eager", action="store_true", help="time the eager model, not the inference path")
+    p.add_argument("--compile", action="store_true", help="torch.compile the inference path (not with --eager)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N")
     p.add_argument("--repeats", type=positive_int, default=10, metavar="N", help="timed batches (default: 10)")
@@ -72,8 +79,20 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     _, indices, cfg, _ = probe_model(args.model, args.out_indices, args.size)
     h, w = args.size or tuple(cfg.input_size[1:])
-    model = build_feature_model(args.model, indices, size=args.size).to(device=dev, dtype=dtype)
-    x = torch.randn(args.batch_size, cfg.input_size[0], h, w, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
+    if args.compile and args.eager:
+        raise UsageError("--compile compiles the inference path; drop --eager")
+    autocast = dtype == torch.bfloat16 and not args.eager
+    model = build_feature_model(args.model, indices, size=args.size, eager=True).to(device=dev)
+    if args.eager:
+        model = model.to(dtype=dtype)
+    else:
+        model = optimize_for_inference(model, inplace=True, compile=args.compile,
+                                       dtype="bfloat16" if autocast else "float32")
+        if not autocast:
+            model = model.to(dtype=dtype)
+    x_dtype = torch.float32 if autocast else dtype
+    x = torch.randn(args.batch_size, cfg.input_size[0], h, w,
+                    generator=torch.Generator().manual_seed(0)).to(dev, x_dtype)
     params = sum(p.numel() for p in model.parameters())
     held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -85,8 +104,15 @@ def run(args: argparse.Namespace) -> int:
     med = statistics.median(times)
     p90 = sorted(times)[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
     threads = f"{torch.get_num_threads()} threads" if dev.type == "cpu" else str(dev)
+    if args.eager:
+        path = "eager"
+    else:
+        path = f"inference path ({'autocast ' if autocast else ''}{'compiled, ' if args.compile else ''}" \
+               f"channels_last={model.channels_last}, {len(model.folded)} BatchNorms folded)"
+    hw = hardware_report()
     print(f"{args.model} features, out_indices {indices}, batch {args.batch_size}, {h}x{w}, {dtype_name}, "
-          f"{dev.type} ({threads})")
+          f"{dev.type} ({threads}), {path}")
+    print(f"hardware: {hw['cpu_bf16_detail']}" + (f"; cuda: {hw['cuda_bf16_detail']}" if "cuda_bf16" in hw else ""))
     rows = [("images/s", f"{args.batch_size / med:.2f}"),
             ("latency / batch", f"{med * 1e3:.1f} ms median of {len(times)}, p90 {p90 * 1e3:.1f} ms"),
             ("latency / image", f"{med * 1e3 / args.batch_size:.2f} ms")]

@@ -38,6 +38,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--store-dtype", choices=list(DTYPES), default=None,
                    help="dtype of the stored features (default: --dtype); float16 halves what a float32 model writes")
+    p.add_argument("--eager", action="store_true",
+                   help="run the eager model, not the inference path (folded BatchNorms, channels-last; float32 "
+                        "outputs within 1e-5 of the eager model's largest value)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     add_weights(p)
     p.add_argument("--size", type=parse_size, metavar="H[xW]",
@@ -97,5 +100,6 @@ def run(args: argparse.Namespace) -> int:
                 device=args.device, checkpoint_path=args.checkpoint, pretrained=args.pretrained,
                 size=args.size, jpeg_draft=not args.no_draft, overwrite=args.overwrite, threads=args.threads,
                 engine=args.engine, ray_address=args.ray_address, model_workers=args.model_workers,
-                cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
+                cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                eager=args.eager)
     return EXIT_OK

@@ -41,6 +41,7 @@ from ..cfg import ModelCfg
 from ..checkpoint import load_checkpoint
 from ..discovery import import_factory, is_factory_path, wrap
 from ..factory import create_model
+from ..inference import optimize_for_inference
 from ..registry import build_on_meta
 from .data import ExtractError, PathLike, Preprocess, collect_inputs, looks_like_images, pillow
 from .store import FeatureStore, inputs_digest
@@ -192,8 +193,11 @@ def probe_model(model_name: str, out_indices: OutIndices, size: Optional[Tuple[i
 
 
 def build_feature_model(model_name: str, out_indices: OutIndices = None, checkpoint_path: PathLike = "",
-                        pretrained: bool = False, size: Optional[Tuple[int, int]] = None) -> nn.Module:
-    """The feature model, in eval mode, with the weights :func:`extract_features` would use.
+                        pretrained: bool = False, size: Optional[Tuple[int, int]] = None, *,
+                        eager: bool = False) -> nn.Module:
+    """The feature model, in eval mode, with the weights :func:`extract_features` would use: on the
+    inference path (:func:`featurezoo.optimize_for_inference`, float32, outputs within 1e-5 of the
+    eager model's largest value) unless ``eager``.
 
     Without a checkpoint or ``pretrained`` it is initialised from
     :data:`RANDOM_INIT_SEED` (the caller's RNG state is left alone). A factory's
@@ -209,7 +213,7 @@ def build_feature_model(model_name: str, out_indices: OutIndices = None, checkpo
             model = _factory_model(model_name)
         if checkpoint_path:
             load_checkpoint(model, os.fspath(checkpoint_path))
-        return wrap(model, out_indices, _discovery_size(size), model_name=model_name).eval()
+        return _inference(wrap(model, out_indices, _discovery_size(size), model_name=model_name).eval(), eager)
     kwargs = dict(features_only=True, out_indices=out_indices)
     if checkpoint_path:
         model = create_model(model_name, checkpoint_path=os.fspath(checkpoint_path), **kwargs)
@@ -219,7 +223,13 @@ def build_feature_model(model_name: str, out_indices: OutIndices = None, checkpo
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = create_model(model_name, **kwargs)
-    return model.eval()
+    return _inference(model.eval(), eager)
+
+
+def _inference(model: nn.Module, eager: bool) -> nn.Module:
+    if not isinstance(eager, bool):
+        raise ExtractError(f"eager must be True or False, got {eager!r}")
+    return model if eager else optimize_for_inference(model, inplace=True)
 
 
 def versions() -> Dict[str, str]:

@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Se
 import torch
 import torch.nn as nn
 
+from ..inference import InferenceModel
 from . import ray_engine
 from .data import ExtractError, ImageBatches, PathLike
 from .plan import (ExtractSummary, OutIndices, Plan, already_complete, build_feature_model, check_arguments,
@@ -223,6 +224,7 @@ def extract_features(
     model_workers: Optional[int] = None,
     cpus_per_worker: Optional[float] = None,
     gpus_per_worker: Optional[float] = None,
+    eager: bool = False,
 ) -> ExtractSummary:
     """Run ``model_name``'s feature model over ``inputs`` and store the features in ``out_dir``.
 
@@ -250,6 +252,8 @@ def extract_features(
             halves what a float32 model writes (values beyond float16's 65504 become
             inf). Recorded in ``meta.json``; :func:`~featurezoo.extract.load_features`
             returns this dtype.
+        eager: run the eager model instead of the inference path (recorded as ``path`` in meta.json's
+            run; resuming with the other path is allowed, float32 outputs agree within 1e-5 of max).
         checkpoint_path / pretrained: the weights; with neither the model is
             randomly initialised (seed :data:`RANDOM_INIT_SEED`) and a warning is logged.
         size: ``(H, W)`` of the model input; default the model's cfg.
@@ -272,6 +276,9 @@ def extract_features(
                   checkpoint_path=checkpoint_path, pretrained=pretrained, size=size, jpeg_draft=jpeg_draft,
                   store_dtype=store_dtype)
     if engine == "ray":
+        if eager:
+            raise ExtractError("eager is for the local engine; the Ray engine's model workers run the inference "
+                               "path (float32 features within 1e-5 of the eager model's largest value)")
         if workers is not None or decode_threads is not None:
             raise ExtractError("workers and decode_threads (decoding processes, threads) are for the local engine; "
                                "with engine 'ray' images are decoded by Ray tasks on the cluster's CPUs")
@@ -296,7 +303,8 @@ def extract_features(
     if done_already is not None:
         return done_already
     warn_random_init(job)
-    model = build_feature_model(model_name, job.indices, checkpoint_path, pretrained, job.preprocess.size)
+    model = build_feature_model(model_name, job.indices, checkpoint_path, pretrained, job.preprocess.size,
+                                eager=eager)
     model.to(device=job.device, dtype=job.dtype)
 
     done = plan.store.begin(overwrite=overwrite, versions=versions(), engine="local")
@@ -402,5 +410,6 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
                    # where the time went: the model's thread computing, waiting for decoded batches, and
                    # blocked on the shard writer (the rest is the progress bar, logging and start-up)
                    "model_s": round(busy["model"], 3), "input_wait_s": round(busy["input_wait"], 3),
-                   "write_wait_s": round(writer.waited, 3)},
+                   "write_wait_s": round(writer.waited, 3),
+                   "path": "inference" if isinstance(model, InferenceModel) else "eager"},
                   workers=choice.workers)

@@ -44,11 +44,25 @@ class StdConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation=dilation, groups=groups,
                          bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
+    # Set by reparameterize(): the weight is stored standardised and used as is.
+    standardised: bool = False
+
+    def _standardise(self, w: torch.Tensor) -> torch.Tensor:
         mean = w.mean(dim=(1, 2, 3), keepdim=True)
         var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
-        return self._conv_forward(x, (w - mean) / torch.sqrt(var + self.eps), self.bias)
+        return (w - mean) / torch.sqrt(var + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.standardised else self._standardise(self.weight)
+        return self._conv_forward(x, w, self.bias)
+
+    def reparameterize(self) -> None:
+        """The inference path's hook (:func:`featurezoo.optimize_for_inference`): standardise the weight
+        once, in place, instead of at every call (a no-op when already done)."""
+        if not self.standardised:
+            with torch.no_grad():
+                self.weight.copy_(self._standardise(self.weight))
+            self.standardised = True
 
 
 def _group_norm(num_groups: int, num_channels: int) -> nn.GroupNorm:

@@ -190,6 +190,10 @@ class RepMLPBlock(nn.Module):
         self.fc3_bn = nn.Identity()
         self.deploy = True
 
+    def reparameterize(self) -> None:
+        """The inference path's hook (:func:`featurezoo.optimize_for_inference`): :meth:`local_inject`."""
+        self.local_inject()
+
 
 class FFNBlock(nn.Module):
     """1x1 conv + BN, GELU (tanh, MindSpore's default), 1x1 conv + BN."""

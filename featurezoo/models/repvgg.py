@@ -139,6 +139,10 @@ class RepVGGBlock(nn.Module):
         del self.rbr_dense, self.rbr_1x1, self.rbr_identity
         self.deploy = True
 
+    def reparameterize(self) -> None:
+        """The inference path's hook (:func:`featurezoo.optimize_for_inference`): :meth:`switch_to_deploy`."""
+        self.switch_to_deploy()
+
 
 class RepVGG(nn.Module):
     """RepVGG classifier; ``feature_info``: ``stage0`` (the stem block) and ``stage1``..``stage4``.
