@@ -54,8 +54,14 @@ def build_pair(name: str, device: str, dtype: torch.dtype):
     if name in PLAIN:
         ours_idx = [info.module_name().index(n) for n in theirs.feature_info.module_name()]
     else:
-        last_at = {r: i for i, r in enumerate(info.reduction())}  # the pyramid's entries
-        ours_idx = [last_at[r] for r in theirs.feature_info.reduction() if r in last_at]
+        # At each of timm's reductions, our entry with timm's channels (EfficientNet's last stage, not its
+        # 1x1 head conv), else the last one there (the pyramid's entry).
+        ours_idx = []
+        for r, c in zip(theirs.feature_info.reduction(), theirs.feature_info.channels()):
+            at = [i for i, e in enumerate(info) if e["reduction"] == r]
+            same = [i for i in at if info[i]["chs"] == c]
+            if at:
+                ours_idx.append((same or at)[-1])
     ours = fz.create_model(name, features_only=True, out_indices=ours_idx)
     return [m.eval().to(device=device, dtype=dtype) for m in (ours, theirs)]
 
