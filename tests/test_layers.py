@@ -95,3 +95,20 @@ def test_inplace_swish_equals_silu_and_trains():
     torch.testing.assert_close(out.detach(), expected.detach())
     out.sum().backward()  # in place on a norm's output keeps the graph valid
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_chunked_tanh_gelu_equals_torch(inplace):
+    from featurezoo.layers.activation import GELU
+
+    x = torch.randn(3, (1 << 17) // 3 + 41) * 4  # more than one chunk, the last one partial
+    expected = F.gelu(x, approximate="tanh")
+    y = x.clone()
+    with torch.inference_mode():
+        out = GELU(approximate="tanh", inplace=inplace)(y)
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
+    assert (out.data_ptr() == y.data_ptr()) is inplace
+    w = x.clone().requires_grad_()  # autograd: torch's kernel, not in place
+    out = GELU(approximate="tanh", inplace=True)(w)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
