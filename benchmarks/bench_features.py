@@ -223,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=list(TABLE_MODELS), choices=sorted(TIMM_TWINS))
     ap.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=COLUMNS)
     ap.add_argument("--memory", action="store_true", help="also measure the peak forward memory of timm and fz")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak forward memory (no timing)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=15)
@@ -232,12 +233,21 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    peak = matmul_peak_gflops(args.device)
+    peak = 0.0 if args.memory_only else matmul_peak_gflops(args.device)
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, batch {args.batch}, "
           f"{args.size}px, {args.repeats} rotating repeats; fp32 matmul peak {peak:.1f} GFLOP/s")
     results = []
+    if args.memory_only:
+        print(f"{'model':24} {'timm peak MB':>12} {'fz peak MB':>10} {'fz/timm':>8}")
     for name in args.models:
         torch.manual_seed(0)
+        if args.memory_only:
+            x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+            ours, theirs = build_pair(name, args.device, torch.float32)
+            mb = {"timm": peak_forward_bytes(theirs, x) / 2**20, "fz": peak_forward_bytes(ours, x) / 2**20}
+            results.append(dict(model=name, peak_mb=mb))
+            print(f"{name:24} {mb['timm']:12.1f} {mb['fz']:10.1f} {mb['fz'] / mb['timm']:8.3f}", flush=True)
+            continue
         x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
         fns = build_columns(name, args.columns, args, x)
         ours, theirs = build_pair(name, args.device, torch.float32)
