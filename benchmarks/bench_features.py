@@ -1,20 +1,40 @@
-"""Side-by-side speed and memory of featurezoo feature models against timm's.
+"""Side-by-side speed and memory of featurezoo feature models against timm's, in one run.
 
-Both models run in this one process, eager fp32 (or the dtype asked), same
-thread count, same input; timed runs alternate between them so machine noise
-hits both alike. Prints medians, the ratio ours/timm (lower is better), the
-parameters each holds, and the peak memory of one forward (CUDA allocator
-peak on GPU; on CPU the peak RSS growth of a fresh process running it).
+Per model, the columns (``--columns`` picks a subset; compiling costs minutes):
 
-    python benchmarks/bench_features.py                       # resnet50, batch 8, 224 px
-    python benchmarks/bench_features.py --models resnet50 convnext_tiny --batch 8 --size 224 --repeats 15
+    timm          timm's feature model, eager fp32
+    timm_compile  the same, torch.compile'd (default options)
+    fz            featurezoo's feature model, eager fp32
+    fz_infer      fz.optimize_for_inference(model) fp32 ("n/a" until that function exists)
+    fz_bf16       fz.optimize_for_inference(model, dtype="bfloat16")
+    ort           onnxruntime on featurezoo's ONNX export (featurezoo.onnx_export; needs the [onnx] extra)
+
+All columns run in this one process, same threads and input; timed runs rotate
+through the columns (each repeat starts at the next column) so machine noise
+hits all alike. Printed: median ms, timm/column speed-up (higher is better),
+GFLOP/s of featurezoo's forward (its FLOPs counted once with
+``torch.utils.flop_counter.FlopCounterMode``, divided by each column's median)
+and that as a fraction of this CPU's fp32 peak, measured in the same run as
+the best of several 2048x2048 fp32 matmuls at the same thread count.
+
+Memory (``--memory``): peak allocator bytes of one forward under
+``torch.inference_mode``, for timm and fz eager. On CUDA the allocator's own
+peak. On CPU there is no allocator counter, so the forward runs under
+``torch.profiler`` with ``profile_memory=True``, which records every
+allocation and free with its size and time; sorted by time, their running sum
+is the bytes live beyond what existed before the call (weights, input), and
+its maximum is the peak. (The CPU allocator keeps no cache, so requested
+bytes are live bytes; unlike RSS this does not depend on what glibc returns
+to the system.) The outputs the forward returns are included: both hold them.
+
+    python benchmarks/bench_features.py                                   # every model and column
+    python benchmarks/bench_features.py --models resnet50 --columns timm fz --repeats 15 --memory
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List, Sequence, Tuple
@@ -40,6 +60,9 @@ TIMM_TWINS: Dict[str, Tuple[str, Sequence[int]]] = {
     "vit_b_16_224": ("vit_base_patch16_224", (2, 5, 8, 11)),  # 4 evenly spaced blocks
     "vit_l_16_224": ("vit_large_patch16_224", (5, 11, 17, 23)),
 }
+# The issue's table.
+TABLE_MODELS = ("resnet50", "convnext_tiny", "efficientnet_b0", "mobilenet_v3_large_100", "hrnet_w32", "densenet121",
+                "regnet_y_1_6gf", "swin_tiny", "vit_b_16_224")
 # Plain models list every block at one reduction: their levels are matched by name (blocks.i), not reduction.
 PLAIN = {"vit_b_16_224", "vit_l_16_224"}
 
@@ -54,8 +77,14 @@ def build_pair(name: str, device: str, dtype: torch.dtype):
     if name in PLAIN:
         ours_idx = [info.module_name().index(n) for n in theirs.feature_info.module_name()]
     else:
-        last_at = {r: i for i, r in enumerate(info.reduction())}  # the pyramid's entries
-        ours_idx = [last_at[r] for r in theirs.feature_info.reduction() if r in last_at]
+        # At each of timm's reductions, our entry with timm's channels (EfficientNet's last stage, not its
+        # 1x1 head conv), else the last one there (the pyramid's entry).
+        ours_idx = []
+        for r, c in zip(theirs.feature_info.reduction(), theirs.feature_info.channels()):
+            at = [i for i, e in enumerate(info) if e["reduction"] == r]
+            same = [i for i in at if info[i]["chs"] == c]
+            if at:
+                ours_idx.append((same or at)[-1])
     ours = fz.create_model(name, features_only=True, out_indices=ours_idx)
     return [m.eval().to(device=device, dtype=dtype) for m in (ours, theirs)]
 
@@ -65,117 +94,189 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_pair(models, x, repeats: int, warmup: int, device: str) -> List[List[float]]:
-    times: List[List[float]] = [[] for _ in models]
+def peak_forward_bytes(model, x) -> int:
+    """Peak bytes one forward allocates beyond what exists before it (see the module docstring)."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            for m in models:
-                m(x)
-        _sync(device)
-        for r in range(repeats):
-            order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
-            for i in order:
-                _sync(device)
-                t0 = time.perf_counter()
-                models[i](x)
-                _sync(device)
-                times[i].append(time.perf_counter() - t0)
-    return times
-
-
-def peak_forward_bytes(name: str, which: int, args) -> int:
-    """Peak memory one forward adds. CUDA: the allocator's peak. CPU: the RSS high-water
-    mark of a fresh interpreter, reset after building (forking this one would hang OpenMP)."""
-    if args.device == "cuda":
-        model = build_pair(name, args.device, getattr(torch, args.dtype))[which]
-        x = torch.randn(args.batch, 3, args.size, args.size, device="cuda", dtype=getattr(torch, args.dtype))
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with torch.inference_mode():
+        model(x)  # warm: lazily built constants are not the forward's
+        if x.is_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
             model(x)
-        return torch.cuda.max_memory_allocated() - base
-    cmd = [sys.executable, __file__, "--peak-child", name, str(which), "--batch", str(args.batch),
-           "--size", str(args.size), "--threads", str(args.threads), "--dtype", args.dtype]
-    return int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        from torch.profiler import ProfilerActivity, profile
 
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _peak_child(name: str, which: int, args) -> None:
-    import ctypes
-    import gc
-
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    model = build_pair(name, "cpu", dtype)[which]
-    x = torch.randn(args.batch, 3, args.size, args.size, dtype=dtype)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give back what building the models freed
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
-    before = _status_kib("VmRSS")
-    with torch.inference_mode():
-        model(x)
-    print((_status_kib("VmHWM") - before) * 1024)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = model(x)
+        del out
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def held_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
+def forward_flops(model, x) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def matmul_peak_gflops(device: str, n: int = 2048, tries: int = 7) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    with torch.inference_mode():
+        a @ b
+        for _ in range(tries):
+            _sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+COLUMNS = ("timm", "timm_compile", "fz", "fz_infer", "fz_bf16", "ort")
+
+
+def _optimize_for_inference():
+    try:
+        from featurezoo.inference import optimize_for_inference
+    except ImportError:
+        return None
+    return optimize_for_inference
+
+
+def _ort_runner(model, x, threads: int):
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    from featurezoo.onnx_export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        export_onnx(model, path, size=tuple(x.shape[-2:]), batch_size=x.shape[0])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda inp: sess.run(None, {name: inp.cpu().numpy()})
+
+
+def build_columns(name: str, columns: Sequence[str], args, x) -> Dict[str, object]:
+    """column -> callable(x), or a string saying why it is not available."""
+    ours, theirs = build_pair(name, args.device, torch.float32)
+    built: Dict[str, object] = {}
+    optimize = _optimize_for_inference()
+    for col in columns:
+        try:
+            if col == "timm":
+                built[col] = theirs
+            elif col == "timm_compile":
+                built[col] = torch.compile(theirs)
+            elif col == "fz":
+                built[col] = ours
+            elif col in ("fz_infer", "fz_bf16"):
+                if optimize is None:
+                    built[col] = "n/a: no featurezoo.inference yet"
+                else:
+                    built[col] = optimize(ours, dtype="bfloat16" if col == "fz_bf16" else "float32")
+            elif col == "ort":
+                built[col] = _ort_runner(ours, x, args.threads)
+        except Exception as e:  # a column that cannot be built is reported, not fatal
+            built[col] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    return built
+
+
+def time_columns(fns: Dict[str, object], x, repeats: int, warmup: int, device: str) -> Dict[str, List[float]]:
+    names = [c for c, f in fns.items() if callable(f)]
+    times: Dict[str, List[float]] = {c: [] for c in names}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for c in names:
+                fns[c](x)
+        for r in range(repeats):
+            for k in range(len(names)):
+                c = names[(r + k) % len(names)]
+                _sync(device)
+                t0 = time.perf_counter()
+                fns[c](x)
+                _sync(device)
+                times[c].append(time.perf_counter() - t0)
+    return times
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["resnet50"], choices=sorted(TIMM_TWINS))
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--models", nargs="+", default=list(TABLE_MODELS), choices=sorted(TIMM_TWINS))
+    ap.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=COLUMNS)
+    ap.add_argument("--memory", action="store_true", help="also measure the peak forward memory of timm and fz")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak forward memory (no timing)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--peak-child", nargs=2, metavar=("MODEL", "WHICH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.peak_child:
-        _peak_child(args.peak_child[0], int(args.peak_child[1]), args)
-        return 0
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    peak = 0.0 if args.memory_only else matmul_peak_gflops(args.device)
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, batch {args.batch}, "
-          f"{args.size}px, {args.dtype}, {args.repeats} alternating repeats")
-    header = f"{'model':24} {'ours ms':>9} {'timm ms':>9} {'ratio':>6} {'ours MP':>8} {'timm MP':>8} " \
-             f"{'ours peak MB':>12} {'timm peak MB':>12}"
-    print(header)
+          f"{args.size}px, {args.repeats} rotating repeats; fp32 matmul peak {peak:.1f} GFLOP/s")
     results = []
+    if args.memory_only:
+        print(f"{'model':24} {'timm peak MB':>12} {'fz peak MB':>10} {'fz/timm':>8}")
     for name in args.models:
         torch.manual_seed(0)
-        models = build_pair(name, args.device, dtype)
-        x = torch.randn(args.batch, 3, args.size, args.size, device=args.device, dtype=dtype)
+        if args.memory_only:
+            x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+            ours, theirs = build_pair(name, args.device, torch.float32)
+            mb = {"timm": peak_forward_bytes(theirs, x) / 2**20, "fz": peak_forward_bytes(ours, x) / 2**20}
+            results.append(dict(model=name, peak_mb=mb))
+            print(f"{name:24} {mb['timm']:12.1f} {mb['fz']:10.1f} {mb['fz'] / mb['timm']:8.3f}", flush=True)
+            continue
+        x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+        fns = build_columns(name, args.columns, args, x)
+        ours, theirs = build_pair(name, args.device, torch.float32)
+        flops = forward_flops(ours, x)
         with torch.inference_mode():
-            ours_out, timm_out = (m(x) for m in models)
-        shapes = ([tuple(o.shape) for o in ours_out], [tuple(o.shape) for o in timm_out])
-        t_ours, t_timm = time_pair(models, x, args.repeats, args.warmup, args.device)
-        med_ours, med_timm = statistics.median(t_ours) * 1e3, statistics.median(t_timm) * 1e3
-        peaks = [0.0, 0.0] if args.no_memory else [peak_forward_bytes(name, i, args) / 2**20 for i in range(2)]
-        params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in models]
-        row = dict(model=name, ours_ms=med_ours, timm_ms=med_timm, ratio=med_ours / med_timm,
-                   ours_mparams=params[0], timm_mparams=params[1], ours_peak_mb=peaks[0], timm_peak_mb=peaks[1],
-                   ours_held_mb=held_bytes(models[0]) / 2**20, timm_held_mb=held_bytes(models[1]) / 2**20,
-                   ours_shapes=shapes[0], timm_shapes=shapes[1])
+            shapes = ([tuple(o.shape) for o in ours(x)], [tuple(o.shape) for o in theirs(x)])
+        times = time_columns(fns, x, args.repeats, args.warmup, args.device)
+        med = {c: statistics.median(t) * 1e3 for c, t in times.items()}
+        row = dict(model=name, gflop=flops / 1e9, ms=med, peak_gflops=peak,
+                   unavailable={c: f for c, f in fns.items() if not callable(f)},
+                   fz_shapes=shapes[0], timm_shapes=shapes[1])
+        if args.memory:
+            row["peak_mb"] = {"timm": peak_forward_bytes(theirs, x) / 2**20, "fz": peak_forward_bytes(ours, x) / 2**20}
+            row["held_mb"] = {"timm": held_bytes(theirs) / 2**20, "fz": held_bytes(ours) / 2**20}
         results.append(row)
-        print(f"{name:24} {med_ours:9.1f} {med_timm:9.1f} {row['ratio']:6.3f} {params[0]:8.2f} {params[1]:8.2f} "
-              f"{peaks[0]:12.1f} {peaks[1]:12.1f}")
+        print(f"\n{name}: {flops / 1e9:.2f} GFLOP per forward (fz)")
+        print(f"  {'column':14} {'ms':>9} {'vs timm':>8} {'GFLOP/s':>8} {'of peak':>8}")
+        for c in args.columns:
+            if c not in med:
+                print(f"  {c:14} {fns[c]}")
+                continue
+            speed = f"{med['timm'] / med[c]:8.3f}" if "timm" in med else f"{'':8}"
+            gfs = flops / 1e9 / (med[c] / 1e3)
+            print(f"  {c:14} {med[c]:9.1f} {speed} {gfs:8.1f} {gfs / peak:8.3f}")
+        if args.memory:
+            print(f"  peak forward MB: timm {row['peak_mb']['timm']:.1f}, fz {row['peak_mb']['fz']:.1f}")
         if shapes[0] != shapes[1]:
-            print(f"  note: output shapes differ: ours {shapes[0]} timm {shapes[1]}")
-        del models
+            print(f"  note: output shapes differ: fz {shapes[0]} timm {shapes[1]}")
+        del fns, ours, theirs
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

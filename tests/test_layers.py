@@ -66,3 +66,49 @@ def test_pad2d_equals_f_pad(pads):
     x = torch.randn(2, 3, 5, 6)
     torch.testing.assert_close(pad2d(x, *pads), F.pad(x, pads))
     torch.testing.assert_close(pad2d(x, *pads, value=float("-inf")), F.pad(x, pads, value=float("-inf")))
+
+
+@pytest.mark.parametrize("h, w, k, s, groups, channels_last", [
+    (16, 15, 3, (2, 2), 4, False), (16, 16, 5, (2, 1), 4, True), (9, 12, (3, 5), (3, 2), 1, False),
+    (14, 14, 3, (2, 2), 1, True),
+])
+def test_same_conv_asymmetric_in_one_call(h, w, k, s, groups, channels_last):
+    # The asymmetric case pads symmetrically and drops leading windows: same numbers as an explicit pad,
+    # for non-square inputs, per-axis strides, depthwise groups, a bias and channels-last inputs.
+    conv = Conv2d(4, 8, k, s, group=groups, has_bias=True)
+    x = torch.randn(2, 4, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    kh, kw = conv.kernel_size
+    (pt, pb), (pl, pr) = same_pad(h, kh, s[0]), same_pad(w, kw, s[1])
+    expected = F.conv2d(F.pad(x, (pl, pr, pt, pb)), conv.weight, conv.bias, s, 0, 1, groups)
+    torch.testing.assert_close(conv(x), expected)
+
+
+def test_inplace_swish_equals_silu_and_trains():
+    from featurezoo.layers.activation import Swish
+
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    y = torch.nn.BatchNorm2d(3)(x)
+    expected = y * torch.sigmoid(y)
+    out = Swish(inplace=True)(y)
+    torch.testing.assert_close(out.detach(), expected.detach())
+    out.sum().backward()  # in place on a norm's output keeps the graph valid
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_chunked_tanh_gelu_equals_torch(inplace):
+    from featurezoo.layers.activation import GELU
+
+    x = torch.randn(3, (1 << 17) // 3 + 41) * 4  # more than one chunk, the last one partial
+    expected = F.gelu(x, approximate="tanh")
+    y = x.clone()
+    with torch.inference_mode():
+        out = GELU(approximate="tanh", inplace=inplace)(y)
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-6)
+    assert (out.data_ptr() == y.data_ptr()) is inplace
+    w = x.clone().requires_grad_()  # autograd: torch's kernel, not in place
+    out = GELU(approximate="tanh", inplace=True)(w)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)

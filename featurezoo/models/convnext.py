@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..builder import build_model_with_cfg, generate_default_cfgs
+from ..layers.activation import GELU
 from ..layers.drop_path import DropPath
 from ..layers.padding import Conv2d
 from ..registry import register_model
@@ -77,7 +78,7 @@ class Block(nn.Module):
         self.dwconv = Conv2d(dim, dim, kernel_size=7, dilation=dilation, group=dim, has_bias=True)
         self.norm = ConvNextLayerNorm((dim,), epsilon=_LN_EPS)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = GELU(approximate="tanh", inplace=True)  # on pwconv1's fresh output
         self.use_grn = use_grn
         if use_grn:
             self.grn = GRN(4 * dim)

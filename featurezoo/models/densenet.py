@@ -40,10 +40,10 @@ class _DenseLayer(nn.Module):
         super().__init__()
         width = bn_size * growth_rate
         self.norm1 = nn.BatchNorm2d(num_input_features)
-        self.relu1 = nn.ReLU()
+        self.relu1 = nn.ReLU(inplace=True)  # each ReLU here acts on a fresh BN output
         self.conv1 = nn.Conv2d(num_input_features, width, 1, bias=False)
         self.norm2 = nn.BatchNorm2d(width)
-        self.relu2 = nn.ReLU()
+        self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(width, growth_rate, 3, padding=1, bias=False)
         self.drop_rate = drop_rate
         self.dropout = nn.Dropout(p=drop_rate)
@@ -64,9 +64,20 @@ class _DenseBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.cell_list:
-            x = torch.cat((x, layer(x)), dim=1)
-        return x
+        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            for layer in self.cell_list:
+                x = torch.cat((x, layer(x)), dim=1)
+            return x
+        # Without autograd: one buffer for the block's output, each layer's channels written into it once,
+        # instead of concatenating everything before them again at every layer (quadratic copying and memory).
+        n, c, h, w = x.shape
+        growth = [layer.conv2.out_channels for layer in self.cell_list]
+        out = x.new_empty((n, c + sum(growth), h, w))
+        out[:, :c] = x
+        for layer, g in zip(self.cell_list, growth):
+            out[:, c:c + g] = layer(out[:, :c])
+            c += g
+        return out
 
 
 class _Transition(nn.Module):
@@ -74,7 +85,7 @@ class _Transition(nn.Module):
         super().__init__()
         self.features = nn.Sequential(OrderedDict([
             ("norm", nn.BatchNorm2d(num_input_features)),
-            ("relu", nn.ReLU()),
+            ("relu", nn.ReLU(inplace=True)),
             ("conv", nn.Conv2d(num_input_features, num_output_features, 1, bias=False)),
             ("pool", nn.AvgPool2d(kernel_size=2, stride=2)),  # MindSpore "valid": rounds down
         ]))
@@ -104,7 +115,7 @@ class DenseNet(nn.Module):
         layers: Dict[str, nn.Module] = OrderedDict()
         layers["conv0"] = nn.Conv2d(in_channels, num_features, 7, stride=2, padding=3, bias=False)
         layers["norm0"] = nn.BatchNorm2d(num_features)
-        layers["relu0"] = nn.ReLU()
+        layers["relu0"] = nn.ReLU(inplace=True)
         reduction = total_stride(layers["conv0"])
         self.feature_info = [dict(chs=num_features, reduction=reduction, name="features.relu0")]
         # MindCV pads with zeros before a "valid" max pool; after a ReLU that equals ignoring the padding.
@@ -122,7 +133,7 @@ class DenseNet(nn.Module):
             reduction *= total_stride(layers[f"transition{i + 1}"])
 
         layers["norm5"] = nn.BatchNorm2d(num_features)
-        layers["relu5"] = nn.ReLU()
+        layers["relu5"] = nn.ReLU(inplace=True)
         self.feature_info.append(dict(chs=num_features, reduction=reduction, name="features.relu5"))
 
         self.num_features = num_features

@@ -105,9 +105,10 @@ class MBConv(_Residual):
         mid_chs = _expanded(in_chs, expand_ratio)
         layers: List[nn.Module] = []
         if mid_chs != in_chs:
-            layers += [Conv2d(in_chs, mid_chs, 1), norm(mid_chs), Swish()]
+            layers += [Conv2d(in_chs, mid_chs, 1), norm(mid_chs), Swish(inplace=True)]
         layers += [
-            Conv2d(mid_chs, mid_chs, kernel_size, stride, dilation=dilation, group=mid_chs), norm(mid_chs), Swish(),
+            Conv2d(mid_chs, mid_chs, kernel_size, stride, dilation=dilation, group=mid_chs), norm(mid_chs),
+            Swish(inplace=True),
             SqueezeExcite(mid_chs, rd_channels=max(1, in_chs // 4), act_layer=Swish),
             Conv2d(mid_chs, out_chs, 1), norm(out_chs),
         ]
@@ -125,9 +126,10 @@ class FusedMBConv(_Residual):
         mid_chs = _expanded(in_chs, expand_ratio)
         if mid_chs != in_chs:
             layers: List[nn.Module] = [Conv2d(in_chs, mid_chs, kernel_size, stride, dilation=dilation), norm(mid_chs),
-                                       Swish(), Conv2d(mid_chs, out_chs, 1), norm(out_chs)]
+                                       Swish(inplace=True), Conv2d(mid_chs, out_chs, 1), norm(out_chs)]
         else:
-            layers = [Conv2d(in_chs, out_chs, kernel_size, stride, dilation=dilation), norm(out_chs), Swish()]
+            layers = [Conv2d(in_chs, out_chs, kernel_size, stride, dilation=dilation), norm(out_chs),
+                      Swish(inplace=True)]
         super().__init__(layers, stride == 1 and in_chs == out_chs, drop_path_prob, out_chs)
 
 
@@ -176,7 +178,8 @@ class EfficientNet(nn.Module):
         stages = [s.scaled(width_mult, depth_mult) for s in stages]
 
         stem_chs = stages[0].in_chs
-        layers: List[nn.Module] = [Conv2d(in_channels, stem_chs, 3, 2), norm_layer(stem_chs), Swish()]
+        # In-place activations: each follows a norm whose output no feature entry names.
+        layers: List[nn.Module] = [Conv2d(in_channels, stem_chs, 3, 2), norm_layer(stem_chs), Swish(inplace=True)]
         nominal = reduction = total_stride(*layers)  # nominal: the reduction at output_stride 32
         self.feature_info = [_entry(stem_chs, reduction, nominal, f"features.{len(layers) - 1}")]
 
@@ -199,7 +202,8 @@ class EfficientNet(nn.Module):
             self.feature_info.append(_entry(s.out_chs, reduction, nominal, f"features.{len(layers) - 1}"))
 
         self.num_features = head_chs or 4 * stages[-1].out_chs
-        layers += [Conv2d(stages[-1].out_chs, self.num_features, 1), norm_layer(self.num_features), Swish()]
+        layers += [Conv2d(stages[-1].out_chs, self.num_features, 1), norm_layer(self.num_features),
+                   Swish(inplace=True)]
         self.feature_info.append(_entry(self.num_features, reduction, nominal, f"features.{len(layers) - 1}"))
 
         self.features = nn.Sequential(*layers)

@@ -89,7 +89,7 @@ class SimpleStem(nn.Module):
         super().__init__()
         self.conv = _conv(w_in, w_out, 3, stride=2)
         self.bn = _bn(w_out)
-        self.af = nn.ReLU()
+        self.af = nn.ReLU(inplace=True)  # every ReLU here acts on a fresh BN output or sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.af(self.bn(self.conv(x)))
@@ -105,10 +105,10 @@ class BottleneckTransform(nn.Module):
         w_se = int(round(w_in * se_r))  # the SE width follows the block's input width, as in MindCV
         self.a = _conv(w_in, w_b, 1)
         self.a_bn = _bn(w_b)
-        self.a_af = nn.ReLU()
+        self.a_af = nn.ReLU(inplace=True)
         self.b = _conv(w_b, w_b, 3, stride, groups=w_b // group_w, dilation=dilation)
         self.b_bn = _bn(w_b)
-        self.b_af = nn.ReLU()
+        self.b_af = nn.ReLU(inplace=True)
         self.se = SqueezeExcite(w_b, rd_channels=w_se) if w_se else None
         self.c = _conv(w_b, w_out, 1)
         self.c_bn = _bn(w_out)
@@ -135,11 +135,12 @@ class ResBottleneckBlock(nn.Module):
             self.proj = _conv(w_in, w_out, 1, stride)
             self.bn = _bn(w_out)
         self.f = BottleneckTransform(w_in, w_out, stride, bot_mul, group_w, se_r, dilation)
-        self.af = nn.ReLU()
+        self.af = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.proj is None else self.bn(self.proj(x))
-        return self.af(shortcut + self.f(x))
+        # The projection after f(x), not held through it; the sum in place on f's fresh BN output.
+        out = self.f(x)
+        return self.af(out.add_(x if self.proj is None else self.bn(self.proj(x))))
 
 
 class AnyStage(nn.Module):
