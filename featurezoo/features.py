@@ -438,6 +438,7 @@ class FeatureExtractWrapper(nn.Module):
         self.norm_eval = norm_eval
         self._full_feature_info = full_info
         self._deepest_reduction = max(self.feature_info.reduction())
+        self._whole_depth = self._deepest_reduction >= max(full_info.reduction())
         # Not a submodule attribute (that would add a state_dict key): a plain reference.
         object.__setattr__(self, "_input_conv", _input_conv(model))
         self.full_state_keys = frozenset(model.state_dict())
@@ -513,7 +514,7 @@ class FeatureExtractWrapper(nn.Module):
             conv = self._input_conv
             check_input_tensor(self.model_name, x, conv.in_channels if conv is not None else None,
                                conv.weight.dtype if conv is not None else None)
-            check_input_size(self.default_cfg, x, self.model_name, self._deepest_reduction)
+            check_input_size(self.default_cfg, x, self.model_name, self._deepest_reduction, self._whole_depth)
         feats = self._levels(x)
         if self.as_dict:
             return OrderedDict(zip(self.level_names, feats))

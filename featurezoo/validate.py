@@ -192,13 +192,16 @@ def _autocast_on(device_type: str) -> bool:
         return False
 
 
-def check_input_size(cfg: Any, x: Any, model_name: str, deepest_reduction: Optional[int] = None) -> None:
+def check_input_size(cfg: Any, x: Any, model_name: str, deepest_reduction: Optional[int] = None,
+                     whole_depth: bool = True) -> None:
     """Refuse an input whose sides the model cannot take, from its declared facts:
     ``min_input_size`` and ``side_rules`` (:class:`featurezoo.cfg.SideRule`; for a feature model
-    whose deepest output has ``deepest_reduction``, the rules that cover that level)."""
+    whose deepest output has ``deepest_reduction``, the rules that cover that level).
+    ``min_input_size`` is the whole model's: it holds a feature model only if ``whole_depth``
+    (its deepest output is at the model's deepest stride; shallower levels check their own stages)."""
     if cfg is None or not isinstance(x, torch.Tensor) or x.dim() != 4:
         return
-    low = getattr(cfg, "min_input_size", None)
+    low = getattr(cfg, "min_input_size", None) if whole_depth else None
     rules = [r for r in getattr(cfg, "side_rules", ())
              if deepest_reduction is None or deepest_reduction >= r.from_reduction]
     if low is None and not rules:

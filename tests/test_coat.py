@@ -155,8 +155,7 @@ def test_level_0_holds_and_computes_nothing_deeper(models):
 
 
 def test_too_small_inputs_raise(models, features):
-    with pytest.raises(ValueError, match=r"28x40 input leaves stage 4 \(stride 32\) without tokens: it needs at "
-                                         r"least 32 px"):
+    with pytest.raises(ValueError, match=r"input 28x40 px is too small; the smallest it takes is 32x32 px"):
         features[LITE](torch.randn(1, 3, 28, 40))
     full = _build(FULL, models[FULL].state_dict(), features_only=True, out_indices=[1])
     with pytest.raises(ValueError, match="parallel blocks need all four stages"):

@@ -305,7 +305,7 @@ def test_an_unreachable_address_fails_in_seconds_writing_nothing(tmp_path, capsy
     (dict(engine="spark"), "engine 'spark' is not valid; use one of local, ray"),
     (dict(model_workers=2), r"model_workers \(--model-workers\) only apply to engine 'ray' \(--engine ray\)"),
     (dict(ray_address="auto", gpus_per_worker=1), r"ray_address \(--ray-address\), gpus_per_worker .* only apply"),
-    (dict(engine="ray", workers=2), "workers .* is for the local engine"),
+    (dict(engine="ray", workers=2), "workers and decode_threads .* are for the local engine"),
     (dict(engine="ray", ray_address="nohost"), "Ray address 'nohost' is not valid; use auto or HOST:PORT"),
     (dict(engine="ray", model_workers=0), "model workers must be a positive integer, got 0"),
     (dict(engine="ray", cpus_per_worker=-1.0), "cpus per worker must be a positive number"),

@@ -189,7 +189,7 @@ def test_inception_minimum_input_size(name):
     model = fz.create_model(name, features_only=True, out_indices=[-1]).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 75, 75))[0].shape[-2:] == (1, 1)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ValueError, match="input 74x74 px is too small; the smallest it takes is 75x75 px"):
             model(torch.randn(1, 3, 74, 74))
 
 

@@ -60,13 +60,14 @@ def test_feature_shapes_at_the_design_size(name, size):
 
 def test_accepted_sizes_are_224k_to_224k_plus_3():
     # The unpadded stride-4/stride-2 embeddings round down: 227 px gives 224 px's maps
-    # (not ceil(size / reduction)); 228 px or 64 px cannot be cut into the 56x56 partitions.
+    # (not ceil(size / reduction)); 228 px or 64 px cannot be cut into the 56x56 partitions (the
+    # declared side rule refuses them, naming the valid sides).
     model = fz.create_model("repmlp_t224", features_only=True, out_indices=[0]).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 227, 227))[0].shape == (1, 64, 56, 56)
         assert model(torch.randn(1, 3, 448, 451))[0].shape == (1, 64, 112, 112)
         for size in (64, 67, 228, 256):
-            with pytest.raises(ValueError, match="cannot be cut into 56x56 partitions"):
+            with pytest.raises(ValueError, match=r"is not a size it takes: sides s with s % 224 in \[0, 1, 2, 3\] and s >= 224"):
                 model(torch.randn(1, 3, size, size))
 
 

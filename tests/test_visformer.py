@@ -133,7 +133,7 @@ def test_inputs_too_small_for_the_patch_convs_are_refused():
     stem_only = fz.create_model("visformer_tiny", features_only=True, out_indices=[0]).eval()
     with torch.no_grad():
         assert full(torch.randn(1, 3, 31, 31)).shape == (1, 1000)  # stage 3 is 1x1
-        with pytest.raises(ValueError, match="at least 31 px"):
+        with pytest.raises(ValueError, match="input 30x64 px is too small; the smallest it takes is 31x31 px"):
             full(torch.randn(1, 3, 30, 64))
         assert stem_only(torch.randn(1, 3, 20, 20))[0].shape == (1, 16, 10, 10)  # the stem alone needs nothing
 
