@@ -325,15 +325,23 @@ def _level_names(level_names: Union[str, Sequence[str], None], info: "FeatureInf
     return names
 
 
-def _in_channels(model: nn.Module) -> int:
-    """The input channels the model takes (its declared first conv, else its first conv or linear)."""
+def _declared_first_conv(model: nn.Module) -> Optional[nn.Conv2d]:
+    """The first of the cfg's ``first_conv_names`` that is a conv in ``model``, or ``None``."""
     for name in getattr(getattr(model, "default_cfg", None), "first_conv_names", ()):
         try:
             first = model.get_submodule(name)
         except AttributeError:
             continue
         if isinstance(first, nn.Conv2d):
-            return first.in_channels
+            return first
+    return None
+
+
+def _in_channels(model: nn.Module) -> int:
+    """The input channels the model takes (its declared first conv, else its first conv or linear)."""
+    declared = _declared_first_conv(model)
+    if declared is not None:
+        return declared.in_channels
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             return m.in_channels
@@ -345,13 +353,9 @@ def _in_channels(model: nn.Module) -> int:
 def _input_conv(model: nn.Module) -> Optional[nn.Conv2d]:
     """The conv that takes the input, for checking inputs: the declared first conv, else the first
     module if it is a conv (a user model whose first module is not one may take anything: ``None``)."""
-    for name in getattr(getattr(model, "default_cfg", None), "first_conv_names", ()):
-        try:
-            first = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if isinstance(first, nn.Conv2d):
-            return first
+    declared = _declared_first_conv(model)
+    if declared is not None:
+        return declared
     first = next((m for m in model.modules() if m is not model), None)
     return first if isinstance(first, nn.Conv2d) else None
 
