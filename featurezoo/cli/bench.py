@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         path = "eager"
     else:
         path = f"inference path ({'autocast ' if autocast else ''}{'compiled, ' if args.compile else ''}" \
-               f"channels_last={model.channels_last}, {len(model.folded)} BatchNorms folded)"
+               f"channels_last={model.channels_last}, {len(model.folded)} BatchNorms folded, " \
+               f"{model.onednn_linears} linears on oneDNN)"
     hw = hardware_report()
     print(f"{args.model} features, out_indices {indices}, batch {args.batch_size}, {h}x{w}, {dtype_name}, "
           f"{dev.type} ({threads}), {path}")

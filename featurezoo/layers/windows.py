@@ -24,7 +24,7 @@ from .constants import cacheable, tensor_cache
 from .mlp import Mlp
 
 __all__ = ["SwinStages", "window_partition", "window_reverse", "relative_position_index", "shift_window_mask",
-           "pad_to_multiple", "padded_size", "project_qkv", "window_attention", "ShiftMaskCache", "PatchEmbed",
+           "pad_to_multiple", "padded_size", "project_qkv", "fuse_qkv", "window_attention", "ShiftMaskCache", "PatchEmbed",
            "Mlp"]
 
 # MindCV's (and the paper's) additive mask between tokens of different shifted regions.
@@ -103,21 +103,45 @@ def _shift_window_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
     return torch.where(differ, torch.tensor(MASK_VALUE, device="cpu"), torch.tensor(0.0, device="cpu"))
 
 
-def project_qkv(x: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Linear, num_heads: int
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``q(x), k(x), v(x)`` for ``(B, nW, N, C)`` windows, each as a contiguous ``(B, nW, heads, N, d)``.
+def project_qkv(x: torch.Tensor, attn: nn.Module, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q(x), k(x), v(x)`` of ``attn``'s three ``Linear`` layers ``q``, ``k``, ``v`` for ``(B, nW, N, C)``
+    windows, each as a contiguous ``(B, nW, heads, N, d)``.
 
     MindCV's three ``Dense`` layers are applied as one matrix product with their weights stacked
-    (as timm's fused qkv), and the heads split off with one copy.
+    (as timm's fused qkv), and the heads split off with one copy. After :func:`fuse_qkv` (the
+    inference path) ``attn.qkv`` holds the stacked layer and is used as it is.
     """
-    linears = (q, k, v)
-    weight = torch.cat([lin.weight for lin in linears])
-    bias = None
-    if any(lin.bias is not None for lin in linears):
-        bias = torch.cat([lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias for lin in linears])
+    fused = attn.qkv
+    if fused is not None:
+        qkv = fused(x)
+    else:
+        linears = (attn.q, attn.k, attn.v)
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = None
+        if any(lin.bias is not None for lin in linears):
+            bias = torch.cat([lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias
+                              for lin in linears])
+        qkv = F.linear(x, weight, bias)
     b, nw, n, _ = x.shape
-    qkv = F.linear(x, weight, bias).view(b, nw, n, 3, num_heads, -1).permute(3, 0, 1, 4, 2, 5).contiguous()
+    qkv = qkv.view(b, nw, n, 3, num_heads, -1).permute(3, 0, 1, 4, 2, 5).contiguous()
     return qkv.unbind(0)
+
+
+@torch.no_grad()
+def fuse_qkv(attn: nn.Module) -> None:
+    """Replace ``attn``'s ``q``, ``k``, ``v`` layers by one stacked ``attn.qkv`` layer (the weights are
+    concatenated once instead of on every forward); :func:`project_qkv` then uses it."""
+    linears = (attn.q, attn.k, attn.v)
+    fused = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears),
+                      bias=any(lin.bias is not None for lin in linears),
+                      device=linears[0].weight.device, dtype=linears[0].weight.dtype)
+    fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
+    if fused.bias is not None:
+        fused.bias.copy_(torch.cat([lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias
+                                    for lin in linears]))
+    fused.requires_grad_(linears[0].weight.requires_grad)
+    del attn.q, attn.k, attn.v
+    attn.qkv = fused
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,

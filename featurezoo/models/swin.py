@@ -51,7 +51,7 @@ from ..layers.constants import tensor_cache
 from ..layers.drop_path import DropPath
 from ..layers.init import init_weights, trunc_normal
 from ..layers.windows import (SwinStages, Mlp, PatchEmbed, ShiftMaskCache, pad_to_multiple, padded_size,
-                              project_qkv, relative_position_index, shift_window_mask, window_attention,
+                              project_qkv, fuse_qkv, relative_position_index, shift_window_mask, window_attention,
                               window_partition, window_reverse)
 from ..registry import register_model
 
@@ -111,10 +111,15 @@ class WindowAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.qkv: Optional[nn.Linear] = None  # set by reparameterize()
+
+    def reparameterize(self) -> None:
+        """The inference form: ``q``, ``k``, ``v`` stacked into one ``qkv`` layer (:func:`fuse_qkv`)."""
+        fuse_qkv(self)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x``: ``(B, nW, N, C)`` windows; ``mask``: ``(nW, N, N)`` or None."""
-        q, k, v = project_qkv(x, self.q, self.k, self.v, self.num_heads)
+        q, k, v = project_qkv(x, self, self.num_heads)
         x = window_attention(q, k, v, self.relative_bias(), mask, self.scale, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x))
 

@@ -41,7 +41,7 @@ from ..layers.constants import tensor_cache
 from ..layers.drop_path import DropPath
 from ..layers.init import he_uniform, init_weights, trunc_normal
 from ..layers.windows import (SwinStages, Mlp, PatchEmbed, ShiftMaskCache, pad_to_multiple, padded_size,
-                              project_qkv, relative_position_index, shift_window_mask, window_attention,
+                              project_qkv, fuse_qkv, relative_position_index, shift_window_mask, window_attention,
                               window_partition, window_reverse)
 from ..registry import register_model
 
@@ -114,10 +114,15 @@ class WindowCosineAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.qkv: Optional[nn.Linear] = None  # set by reparameterize()
+
+    def reparameterize(self) -> None:
+        """The inference form: ``q``, ``k``, ``v`` stacked into one ``qkv`` layer (:func:`fuse_qkv`)."""
+        fuse_qkv(self)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x``: ``(B, nW, N, C)`` windows; ``mask``: ``(nW, N, N)`` or None."""
-        q, k, v = project_qkv(x, self.q, self.k, self.v, self.num_heads)
+        q, k, v = project_qkv(x, self, self.num_heads)
         scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         x = window_attention(_l2_normalize(q) * scale, _l2_normalize(k), v, self.relative_position_bias(), mask, 1.0,
                              self.attn_drop if self.training else 0.0)
