@@ -15,10 +15,12 @@ hits all alike. Printed: median ms, timm/column speed-up (higher is better),
 GFLOP/s of featurezoo's forward (its FLOPs counted once with
 ``torch.utils.flop_counter.FlopCounterMode``, divided by each column's median)
 and that as a fraction of this CPU's fp32 peak, measured in the same run as
-the best of several 2048x2048 fp32 matmuls at the same thread count.
+the best of several 2048x2048 fp32 matrix products at the same thread count, by the faster of
+``torch.mm`` and oneDNN's linear (on the AMD EPYC of the README's table, MKL's ``torch.mm``
+reaches less than half of what oneDNN does).
 
 Memory (``--memory``): peak allocator bytes of one forward under
-``torch.inference_mode``, for timm and fz eager. On CUDA the allocator's own
+``torch.inference_mode``, for timm, fz eager and the fp32 inference path. On CUDA the allocator's own
 peak. On CPU there is no allocator counter, so the forward runs under
 ``torch.profiler`` with ``profile_memory=True``, which records every
 allocation and free with its size and time; sorted by time, their running sum
@@ -119,6 +121,15 @@ def peak_forward_bytes(model, x) -> int:
     return peak
 
 
+def peak_columns(ours, theirs, x) -> Dict[str, float]:
+    """Peak forward MB of timm's model, ours eager and ours through the inference path (fp32)."""
+    mb = {"timm": peak_forward_bytes(theirs, x) / 2**20, "fz": peak_forward_bytes(ours, x) / 2**20}
+    optimize = _optimize_for_inference()
+    if optimize is not None:
+        mb["fz_infer"] = peak_forward_bytes(optimize(ours), x) / 2**20
+    return mb
+
+
 def held_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -131,18 +142,34 @@ def forward_flops(model, x) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak_gflops(device: str, n: int = 2048, tries: int = 7) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def _best_seconds(fn, device: str, tries: int) -> float:
     best = float("inf")
     with torch.inference_mode():
-        a @ b
+        fn()
         for _ in range(tries):
             _sync(device)
             t0 = time.perf_counter()
-            a @ b
+            fn()
             _sync(device)
             best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    return best
+
+
+def matmul_peak_gflops(device: str, n: int = 2048, tries: int = 7) -> Dict[str, float]:
+    """The best fp32 GFLOP/s of an n x n x n product per kernel: ``torch.mm`` (the BLAS) and, on the CPU,
+    oneDNN's linear (the kernel of the inference path's linears); ``"peak"`` is the larger."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    flop = 2 * n ** 3 / 1e9
+    rates = {"mm": flop / _best_seconds(lambda: a @ b, device, tries)}
+    if device == "cpu":
+        from featurezoo.layers.linear import onednn_linear_available
+
+        if onednn_linear_available():
+            w = b.t().contiguous()
+            rates["onednn"] = flop / _best_seconds(
+                lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""), device, tries)
+    rates["peak"] = max(rates.values())
+    return rates
 
 
 COLUMNS = ("timm", "timm_compile", "fz", "fz_infer", "fz_bf16", "ort")
@@ -233,20 +260,29 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    peak = 0.0 if args.memory_only else matmul_peak_gflops(args.device)
+    rates = {"peak": 0.0} if args.memory_only else matmul_peak_gflops(args.device)
+    peak = rates["peak"]
+    kernels = ", ".join(f"{k} {v:.1f}" for k, v in rates.items() if k != "peak")
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, batch {args.batch}, "
-          f"{args.size}px, {args.repeats} rotating repeats; fp32 matmul peak {peak:.1f} GFLOP/s")
+          f"{args.size}px, {args.repeats} rotating repeats; fp32 matmul peak {peak:.1f} GFLOP/s ({kernels})")
+    if args.device == "cpu":
+        from featurezoo.inference import hardware_report
+
+        print(f"hardware: {hardware_report()}")
     results = []
     if args.memory_only:
-        print(f"{'model':24} {'timm peak MB':>12} {'fz peak MB':>10} {'fz/timm':>8}")
+        print(f"{'model':24} {'timm peak MB':>12} {'fz peak MB':>10} {'fz/timm':>8} {'fz_infer MB':>11} "
+              f"{'infer/timm':>10}")
     for name in args.models:
         torch.manual_seed(0)
         if args.memory_only:
             x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
             ours, theirs = build_pair(name, args.device, torch.float32)
-            mb = {"timm": peak_forward_bytes(theirs, x) / 2**20, "fz": peak_forward_bytes(ours, x) / 2**20}
+            mb = peak_columns(ours, theirs, x)
             results.append(dict(model=name, peak_mb=mb))
-            print(f"{name:24} {mb['timm']:12.1f} {mb['fz']:10.1f} {mb['fz'] / mb['timm']:8.3f}", flush=True)
+            infer = mb.get("fz_infer", float("nan"))
+            print(f"{name:24} {mb['timm']:12.1f} {mb['fz']:10.1f} {mb['fz'] / mb['timm']:8.3f} {infer:11.1f} "
+                  f"{infer / mb['timm']:10.3f}", flush=True)
             continue
         x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
         fns = build_columns(name, args.columns, args, x)
@@ -256,11 +292,11 @@ def main(argv=None) -> int:
             shapes = ([tuple(o.shape) for o in ours(x)], [tuple(o.shape) for o in theirs(x)])
         times = time_columns(fns, x, args.repeats, args.warmup, args.device)
         med = {c: statistics.median(t) * 1e3 for c, t in times.items()}
-        row = dict(model=name, gflop=flops / 1e9, ms=med, peak_gflops=peak,
+        row = dict(model=name, gflop=flops / 1e9, ms=med, peak_gflops=peak, matmul_gflops=rates,
                    unavailable={c: f for c, f in fns.items() if not callable(f)},
                    fz_shapes=shapes[0], timm_shapes=shapes[1])
         if args.memory:
-            row["peak_mb"] = {"timm": peak_forward_bytes(theirs, x) / 2**20, "fz": peak_forward_bytes(ours, x) / 2**20}
+            row["peak_mb"] = peak_columns(ours, theirs, x)
             row["held_mb"] = {"timm": held_bytes(theirs) / 2**20, "fz": held_bytes(ours) / 2**20}
         results.append(row)
         print(f"\n{name}: {flops / 1e9:.2f} GFLOP per forward (fz)")
@@ -273,7 +309,7 @@ def main(argv=None) -> int:
             gfs = flops / 1e9 / (med[c] / 1e3)
             print(f"  {c:14} {med[c]:9.1f} {speed} {gfs:8.1f} {gfs / peak:8.3f}")
         if args.memory:
-            print(f"  peak forward MB: timm {row['peak_mb']['timm']:.1f}, fz {row['peak_mb']['fz']:.1f}")
+            print("  peak forward MB: " + ", ".join(f"{k} {v:.1f}" for k, v in row["peak_mb"].items()))
         if shapes[0] != shapes[1]:
             print(f"  note: output shapes differ: fz {shapes[0]} timm {shapes[1]}")
         del fns, ours, theirs

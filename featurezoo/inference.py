@@ -105,11 +105,13 @@ def bf16_support(device: Union[str, torch.device] = "cpu") -> Tuple[bool, str]:
 
 
 def hardware_report() -> Dict[str, Any]:
-    """What ``featurezoo bench`` prints: the CPU's vector capability and bfloat16 support per device."""
+    """What ``featurezoo bench`` prints: the CPU's vector capability, bfloat16 support per device, and the
+    float32 linear kernel ``linear="auto"`` picks on this CPU."""
     cpu_ok, cpu_why = bf16_support("cpu")
     report: Dict[str, Any] = {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
                               "cpu_bf16": cpu_ok, "cpu_bf16_detail": cpu_why,
-                              "threads": torch.get_num_threads()}
+                              "threads": torch.get_num_threads(),
+                              "cpu_linear": "onednn" if onednn_linear_faster() else "aten"}
     if torch.cuda.is_available():
         cuda_ok, cuda_why = bf16_support("cuda")
         report.update(cuda_bf16=cuda_ok, cuda_bf16_detail=cuda_why)

@@ -183,6 +183,7 @@ def test_bench(capsys):
                          "--repeats", "2", "--warmup", "1", "--pyramid")
     assert code == 0, err
     assert re.search(r"images/s\s+[\d.]+", out) and "latency / batch" in out and "peak memory" in out
+    assert re.search(r"\d+ linears on oneDNN", out) and "float32 linears on the CPU: " in out
 
 
 def test_demo(capsys, tmp_path):

@@ -289,6 +289,7 @@ def test_linear_auto_times_once_and_aten_keeps_plain_linears():
     from featurezoo.layers.linear import onednn_linear_faster
     choice = onednn_linear_faster()
     assert isinstance(choice, bool) and onednn_linear_faster() is choice  # cached per process
+    assert hardware_report()["cpu_linear"] == ("onednn" if choice else "aten")
     model = _TwoLinears().eval()
     auto = fz.optimize_for_inference(model, example_input=torch.randn(1, 24))
     assert auto.onednn_linears == (2 if choice else 0)

@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     hw = hardware_report()
     print(f"{args.model} features, out_indices {indices}, batch {args.batch_size}, {h}x{w}, {dtype_name}, "
           f"{dev.type} ({threads}), {path}")
-    print(f"hardware: {hw['cpu_bf16_detail']}" + (f"; cuda: {hw['cuda_bf16_detail']}" if "cuda_bf16" in hw else ""))
+    print(f"hardware: {hw['cpu_bf16_detail']}; float32 linears on the CPU: {hw['cpu_linear']}"
+          + (f"; cuda: {hw['cuda_bf16_detail']}" if "cuda_bf16" in hw else ""))
     rows = [("images/s", f"{args.batch_size / med:.2f}"),
             ("latency / batch", f"{med * 1e3:.1f} ms median of {len(times)}, p90 {p90 * 1e3:.1f} ms"),
             ("latency / image", f"{med * 1e3 / args.batch_size:.2f} ms")]
