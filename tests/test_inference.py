@@ -315,3 +315,15 @@ def test_swin_attention_fuses_q_k_v_into_one_layer():
         assert not hasattr(attn, "q") and attn.qkv.weight.shape == (96, 32)
         for a, b in zip(before, after):
             assert torch.allclose(a, b, rtol=0, atol=1e-6), type(attn).__name__
+
+
+def test_bfloat16_runs_pvt_whose_position_embeddings_are_float16():
+    """PVT keeps MindCV's float16 position embeddings; resampling them to another grid under CPU autocast
+    raised "Unexpected floating ScalarType in at::autocast::prioritize" (bfloat16 error table) until the
+    resampling ran outside autocast."""
+    model = create_model("pvt_tiny", features_only=True).eval()
+    assert model.pos_embed1.dtype == torch.float16
+    fast = fz.optimize_for_inference(model, dtype="bfloat16", allow_emulated_bf16=True)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.1
+    with torch.no_grad():
+        _assert_close("pvt_tiny bf16", model(x), fast(x), rtol=5e-2)

@@ -43,12 +43,22 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_hw: Sequence[int], old_hw: S
     old_hw = (int(old_hw[0]), int(old_hw[1]))
     if old_hw == new_hw:
         return pos_embed
+    if torch.is_autocast_enabled(pos_embed.device.type):
+        # Outside autocast: CPU autocast rejects float16 (PVT's embeddings are float16, as MindCV's) in the
+        # ops it re-types ("Unexpected floating ScalarType in at::autocast::prioritize").
+        with torch.autocast(pos_embed.device.type, enabled=False):
+            return _resample_grid(prefix, grid, old_hw, new_hw, mode, pos_embed.dtype)
+    return _resample_grid(prefix, grid, old_hw, new_hw, mode, pos_embed.dtype)
+
+
+def _resample_grid(prefix: torch.Tensor, grid: torch.Tensor, old_hw: Tuple[int, int], new_hw: Tuple[int, int],
+                   mode: str, dtype: torch.dtype) -> torch.Tensor:
     dim = grid.shape[-1]
     grid = grid.reshape(1, old_hw[0], old_hw[1], dim).permute(0, 3, 1, 2)
     # Interpolate in float32 (as timm does) and return in the embedding's dtype.
-    grid = F.interpolate(grid.float(), size=new_hw, mode=mode, align_corners=False).to(pos_embed.dtype)
+    grid = F.interpolate(grid.float(), size=new_hw, mode=mode, align_corners=False).to(dtype)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], dim)
-    return torch.cat([prefix, grid], dim=1) if num_prefix_tokens else grid
+    return torch.cat([prefix, grid], dim=1) if prefix.shape[1] else grid
 
 
 @fx_call
