@@ -449,3 +449,86 @@ def test_a_second_writer_is_refused(tmp_path, images):
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         with pytest.raises(ExtractError, match="another featurezoo process"):
             extract_features(MODEL, [images], out, **RUN)
+
+
+# -- shard writing: O_DIRECT through a staging buffer, channels-last rows laid out without a full copy ----------
+def _shard_tensors():
+    gen = torch.Generator().manual_seed(3)
+    return {
+        "cl": torch.randn(3, 40, 33, 47, generator=gen).contiguous(memory_format=torch.channels_last),  # 0.7 MB
+        "big": torch.randn(5, 600, 131, generator=gen),  # 1.5 MB, C order
+        "half": torch.randn(2, 7, 5, 3, generator=gen).to(torch.float16).contiguous(memory_format=torch.channels_last),
+        "empty": torch.zeros(0, 4),
+        "vec": torch.arange(5, dtype=torch.float32),
+    }
+
+
+def _read_shard(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _expected_size(tensors, path):
+    with open(path, "rb") as f:
+        head = int.from_bytes(f.read(8), "little")
+    return 8 + head + sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@pytest.mark.parametrize("how", ["direct", "no O_DIRECT flag", "refused at the first write", "small: buffered"])
+def test_shards_hold_the_tensors_in_c_order_whichever_way_they_are_written(tmp_path, monkeypatch, how):
+    from featurezoo.extract import store
+
+    tensors = _shard_tensors()
+    if how == "small: buffered":
+        tensors = {k: v for k, v in tensors.items() if k != "big"}
+    used = []
+    real_direct = store._write_direct
+    monkeypatch.setattr(store, "_write_direct", lambda *a: used.append(real_direct(*a)) or used[-1])
+    if how == "no O_DIRECT flag":
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    elif how == "refused at the first write":
+        real_write, calls = os.write, []
+
+        def refuse_once(fd, data):
+            calls.append(fd)
+            if len(calls) == 1:
+                raise OSError(22, "Invalid argument")  # EINVAL, as a filesystem with other alignment rules
+            return real_write(fd, data)
+        monkeypatch.setattr(store.os, "write", refuse_once)
+    path = tmp_path / "s.safetensors"
+    store.write_safetensors(path, tensors, {"k": "v"}, step="shard")
+    got = _read_shard(path)
+    assert got.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t.contiguous()), k
+    assert path.stat().st_size == _expected_size(tensors, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]  # no temporary file left
+    if how == "direct" and hasattr(os, "O_DIRECT"):
+        # False only where the filesystem of tmp_path refuses O_DIRECT (tmpfs); ext4 here takes it
+        assert used == [True] or (used == [False] and _on_tmpfs(tmp_path))
+    elif how == "small: buffered":
+        assert used == []
+    else:
+        assert used == [False]
+
+
+def test_channels_last_rows_reuse_one_buffer_per_thread(tmp_path):
+    """The row buffer is allocated once per writer thread, at the largest row seen, not per shard."""
+    from featurezoo.extract import store
+
+    t = torch.randn(4, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    parts = list(bytes(p) for p in store._byte_parts(b"h", {"t": t}))
+    assert parts[0] == b"h" and len(parts) == 5 and b"".join(parts[1:]) == t.contiguous().numpy().tobytes()
+    buf = store._staging.rows
+    list(store._byte_parts(b"h", {"t": t[:2]}))
+    assert store._staging.rows is buf
+
+
+def _on_tmpfs(path) -> bool:
+    best, fstype = "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mount, kind = line.split()[:3]
+            if str(Path(path).resolve()).startswith(mount) and len(mount) > len(best):
+                best, fstype = mount, kind
+    return fstype in ("tmpfs", "ramfs")

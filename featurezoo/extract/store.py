@@ -50,13 +50,16 @@ Layer: application (the extraction library).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import struct
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -572,24 +575,120 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
             save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=dict(metadata))
         return
     header: Dict[str, Any] = {"__metadata__": dict(metadata)}
-    arrays = []
     offset = 0
     for name, t in tensors.items():
-        t = t.detach().contiguous()
         nbytes = t.numel() * t.element_size()
         header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-        if nbytes:
-            arrays.append(t.reshape(-1).view(torch.uint8).numpy())
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    with atomic_write(path, "wb", buffering=0, step=step) as f:
-        for i, a in enumerate([struct.pack("<Q", len(head)) + head, *arrays]):
-            if i == 1 and step:
+    head = struct.pack("<Q", len(head)) + head
+    with atomic_path(path, step=step) as tmp:
+        if offset < DIRECT_MIN_BYTES or not _write_direct(tmp, _byte_parts(head, tensors), step):
+            with open(tmp, "wb", buffering=0) as f:
+                for i, a in enumerate(_byte_parts(head, tensors)):
+                    if i == 1 and step:
+                        fault_point(f"{step}.partial")
+                    view = memoryview(a)
+                    while view:  # a raw write may be partial
+                        view = view[f.write(view):]
+
+
+def _byte_parts(head: bytes, tensors: Mapping[str, torch.Tensor]) -> Iterator[Any]:
+    """``head``, then each tensor's bytes in C order, as byte views to be consumed one at a time.
+
+    A tensor not in C order (the inference path's channels-last maps) is laid out one row (first index) at
+    a time in this thread's row buffer, which is reused: no new tensor of the batch's size is allocated
+    (fresh memory costs page faults) and each view is only valid until the next one is taken."""
+    yield head
+    for t in tensors.values():
+        t = t.detach()
+        if t.numel() == 0:
+            continue
+        if t.is_contiguous():
+            yield t.reshape(-1).view(torch.uint8).numpy()
+            continue
+        rows = t if t.dim() > 1 else t.reshape(1, -1)
+        row_bytes = rows[0].numel() * t.element_size()
+        buf = getattr(_staging, "rows", None)
+        if buf is None or buf.numel() < row_bytes:
+            buf = _staging.rows = torch.empty(row_bytes, dtype=torch.uint8)
+        for row in rows:
+            out = buf[:row_bytes].view(t.dtype).view(row.shape)
+            out.copy_(row)
+            yield buf[:row_bytes].numpy()
+
+
+# Shards of at least this many bytes are written with O_DIRECT (where the OS and filesystem allow it): from an
+# aligned staging buffer straight to the disk, not through the page cache. On this project's 2-core VM a
+# buffered write cost 3.1-3.7 CPU-ms per MB written to new files (the guest's page-cache pages are new memory
+# to the host), O_DIRECT 0.1-0.3 (README, "Extraction"): for unpooled resnet50 (8.8 MB per image) that is
+# 27-33 CPU-ms per image against the model's 33. Readers are unaffected (the same bytes, same file).
+DIRECT_MIN_BYTES = 1 << 20
+_DIRECT_ALIGN = 4096
+_DIRECT_CHUNK = 8 << 20
+_staging = threading.local()
+
+
+def _staging_buffer() -> mmap.mmap:
+    """This thread's page-aligned staging buffer (anonymous memory, kept: reused by every shard)."""
+    buf = getattr(_staging, "buf", None)
+    if buf is None:
+        buf = _staging.buf = mmap.mmap(-1, _DIRECT_CHUNK)
+    return buf
+
+
+def _write_direct(tmp: str, parts: Iterator[Any], step: Optional[str]) -> bool:
+    """Write the concatenated ``parts`` (bytes-like) to the empty file ``tmp`` with O_DIRECT, through an
+    aligned staging buffer, the last block padded and the file then truncated to its size. False (nothing
+    written) where O_DIRECT is not available: no flag (not Linux), or the filesystem refuses it, at open
+    (tmpfs) or at the first write; the caller then writes the file again from new ``parts``."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    try:
+        fd = os.open(tmp, os.O_WRONLY | flag)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    buf = _staging_buffer()
+    staged = memoryview(buf)
+    try:
+        fill = total = 0
+        first = True
+
+        def flush(n: int) -> None:
+            nonlocal first
+            view = staged[:n]
+            while view:
+                view = view[os.write(fd, view):]
+            if first and step:
                 fault_point(f"{step}.partial")
-            view = memoryview(a)
-            while view:  # a raw write may be partial
-                view = view[f.write(view):]
+            first = False
+
+        for part in parts:
+            src = memoryview(part).cast("B")
+            while src:
+                k = min(len(src), _DIRECT_CHUNK - fill)
+                staged[fill:fill + k] = src[:k]
+                fill, total, src = fill + k, total + k, src[k:]
+                if fill == _DIRECT_CHUNK:
+                    flush(fill)
+                    fill = 0
+        if fill:
+            padded = fill + (-fill % _DIRECT_ALIGN)
+            staged[fill:padded] = bytes(padded - fill)
+            flush(padded)
+        os.ftruncate(fd, total)
+    except OSError as e:
+        if e.errno == errno.EINVAL and first:  # refused at the first write (alignment rules): nothing written
+            return False
+        raise
+    finally:
+        staged.release()
+        os.close(fd)
+    return True
 
 
 # -- reading ------------------------------------------------------------------------------------
