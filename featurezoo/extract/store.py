@@ -10,8 +10,8 @@ Layout of ``OUT``::
                        {"i": 8, "path": "...", "skipped": "not an image"}
     shards/NNNNNN.safetensors   batch NNNNNN: one tensor per feature level, rows aligned
 
-Every file is written with :func:`featurezoo.atomic.atomic_write` (a
-temporary name, fsync, rename, fsync of the folder); only after its shard is
+Every file is written with :func:`featurezoo.atomic.atomic_write` or
+:func:`~featurezoo.atomic.atomic_path` (a temporary name, fsync, rename, fsync of the folder); only after its shard is
 in place are a batch's lines appended to the index. So the index never names
 a partial shard, and the index's complete batches are always a prefix of the batches:
 resuming re-reads that prefix, cuts off a torn last line, removes any shard
@@ -566,8 +566,9 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
     """Write CPU ``tensors`` as a safetensors file at ``path``, atomically.
 
     Equivalent to ``safetensors.torch.save_file`` (and read back by it), but the
-    tensor bytes go straight from tensor memory to ``write()``, which releases
-    the GIL: on a shard writer thread, the model's thread keeps running.
+    tensor bytes go from tensor memory (through a reused staging buffer with
+    O_DIRECT, see :data:`DIRECT_MIN_BYTES`) to ``write()``, which releases the
+    GIL: on a shard writer thread, the model's thread keeps running.
     ``step`` names its fault-injection points (test-only, :mod:`featurezoo.atomic`).
     """
     if sys.byteorder != "little":  # the format is little-endian; let the library convert
@@ -622,8 +623,8 @@ def _byte_parts(head: bytes, tensors: Mapping[str, torch.Tensor]) -> Iterator[An
 # Shards of at least this many bytes are written with O_DIRECT (where the OS and filesystem allow it): from an
 # aligned staging buffer straight to the disk, not through the page cache. On this project's 2-core VM a
 # buffered write cost 3.1-3.7 CPU-ms per MB written to new files (the guest's page-cache pages are new memory
-# to the host), O_DIRECT 0.1-0.3 (README, "Extraction"): for unpooled resnet50 (8.8 MB per image) that is
-# 27-33 CPU-ms per image against the model's 33. Readers are unaffected (the same bytes, same file).
+# to the host), O_DIRECT 0.1-0.3 (README, "Shards written with O_DIRECT"): for unpooled resnet50 (8.8 MB per
+# image) that is 27-32 CPU-ms per image against the model's 57-69. Readers are unaffected (same bytes, same file).
 DIRECT_MIN_BYTES = 1 << 20
 _DIRECT_ALIGN = 4096
 _DIRECT_CHUNK = 8 << 20

@@ -2,8 +2,8 @@
 
 PyTorch computes a float32 ``nn.Linear`` on the CPU with its BLAS (MKL in the
 official builds), and convolutions with oneDNN. On CPUs where MKL does not take
-its best code path (on AMD EPYC with AVX-512 it measured 150-180 GFLOP/s on two
-threads where oneDNN's own matrix kernels reach 380-410; ``benchmarks/bench_linear.py``),
+its best code path (on AMD EPYC with AVX-512, two threads, ViT-B's layers ran at
+161-179 GFLOP/s where oneDNN's own matrix kernels reach 293-386; ``benchmarks/bench_linear.py``),
 the transformer families spend most of their time in those matrix products.
 ``OneDnnLinear`` is an ``nn.Linear`` (same parameters, same state dict, same
 ``weight`` for any code that reads it) whose forward calls oneDNN's linear
