@@ -121,12 +121,15 @@ def peak_forward_bytes(model, x) -> int:
     return peak
 
 
-def peak_columns(ours, theirs, x) -> Dict[str, float]:
-    """Peak forward MB of timm's model, ours eager and ours through the inference path (fp32)."""
+def peak_columns(ours, theirs, x, infer=None) -> Dict[str, float]:
+    """Peak forward MB of timm's model, ours eager and ours through the inference path (fp32; ``infer``,
+    the column's model if it was built, else optimised here)."""
     mb = {"timm": peak_forward_bytes(theirs, x) / 2**20, "fz": peak_forward_bytes(ours, x) / 2**20}
     optimize = _optimize_for_inference()
-    if optimize is not None:
-        mb["fz_infer"] = peak_forward_bytes(optimize(ours), x) / 2**20
+    if infer is None and optimize is not None:
+        infer = optimize(ours)
+    if infer is not None:
+        mb["fz_infer"] = peak_forward_bytes(infer, x) / 2**20
     return mb
 
 
@@ -162,12 +165,11 @@ def matmul_peak_gflops(device: str, n: int = 2048, tries: int = 7) -> Dict[str, 
     flop = 2 * n ** 3 / 1e9
     rates = {"mm": flop / _best_seconds(lambda: a @ b, device, tries)}
     if device == "cpu":
-        from featurezoo.layers.linear import onednn_linear_available
+        from featurezoo.layers.linear import onednn_linear, onednn_linear_available
 
         if onednn_linear_available():
             w = b.t().contiguous()
-            rates["onednn"] = flop / _best_seconds(
-                lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""), device, tries)
+            rates["onednn"] = flop / _best_seconds(lambda: onednn_linear(a, w, None), device, tries)
     rates["peak"] = max(rates.values())
     return rates
 
@@ -202,9 +204,8 @@ def _ort_runner(model, x, threads: int):
     return lambda inp: sess.run(None, {name: inp.cpu().numpy()})
 
 
-def build_columns(name: str, columns: Sequence[str], args, x) -> Dict[str, object]:
-    """column -> callable(x), or a string saying why it is not available."""
-    ours, theirs = build_pair(name, args.device, torch.float32)
+def build_columns(ours, theirs, columns: Sequence[str], args, x) -> Dict[str, object]:
+    """column -> callable(x) on the pair from :func:`build_pair`, or a string saying why it is not available."""
     built: Dict[str, object] = {}
     optimize = _optimize_for_inference()
     for col in columns:
@@ -285,8 +286,8 @@ def main(argv=None) -> int:
                   f"{infer / mb['timm']:10.3f}", flush=True)
             continue
         x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
-        fns = build_columns(name, args.columns, args, x)
         ours, theirs = build_pair(name, args.device, torch.float32)
+        fns = build_columns(ours, theirs, args.columns, args, x)
         flops = forward_flops(ours, x)
         with torch.inference_mode():
             shapes = ([tuple(o.shape) for o in ours(x)], [tuple(o.shape) for o in theirs(x)])
@@ -296,7 +297,8 @@ def main(argv=None) -> int:
                    unavailable={c: f for c, f in fns.items() if not callable(f)},
                    fz_shapes=shapes[0], timm_shapes=shapes[1])
         if args.memory:
-            row["peak_mb"] = peak_columns(ours, theirs, x)
+            infer = fns.get("fz_infer")
+            row["peak_mb"] = peak_columns(ours, theirs, x, infer if callable(infer) else None)
             row["held_mb"] = {"timm": held_bytes(theirs) / 2**20, "fz": held_bytes(ours) / 2**20}
         results.append(row)
         print(f"\n{name}: {flops / 1e9:.2f} GFLOP per forward (fz)")

@@ -5,7 +5,7 @@ The inference path swaps the kernel (``featurezoo.layers.linear.OneDnnLinear``,
 per layer shape of the transformer families at batch 8 and 224 px, the median
 time of each kernel (rotating, in one process), their GFLOP/s and the ratio,
 and the largest difference between the two outputs relative to the largest
-output (both against nothing else: the float64 product is also compared).
+output from the float64 product.
 
     python benchmarks/bench_linear.py                    # 2 threads, 7 repeats
     python benchmarks/bench_linear.py --threads 1 --repeats 15
@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from bench_features import time_columns  # the same rotation of columns as the feature table
+
+from featurezoo.layers.linear import onednn_linear
 
 # (what, tokens, in, out): ViT-B/16 at 224 px (197 tokens), Swin-T / ConvNeXt-T stage 1 and 3 MLPs.
 SHAPES = [
@@ -46,19 +48,11 @@ def main(argv=None) -> int:
             x = torch.randn(rows, cin, generator=gen)
             w = torch.randn(cout, cin, generator=gen) * cin ** -0.5
             b = torch.randn(cout, generator=gen)
-            kernels = {"aten": lambda: F.linear(x, w, b),
-                       "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")}
-            times = {k: [] for k in kernels}
-            for fn in kernels.values():
-                fn()
-            for r in range(args.repeats):
-                for k in (list(kernels) if r % 2 == 0 else list(kernels)[::-1]):
-                    t0 = time.perf_counter()
-                    kernels[k]()
-                    times[k].append(time.perf_counter() - t0)
+            kernels = {"aten": lambda inp: F.linear(inp, w, b), "onednn": lambda inp: onednn_linear(inp, w, b)}
+            times = time_columns(kernels, x, args.repeats, warmup=1, device="cpu")
             med = {k: statistics.median(v) for k, v in times.items()}
             exact = F.linear(x.double(), w.double(), b.double())
-            diff = max((kernels[k]().double() - exact).abs().max().item() for k in kernels) / exact.abs().max().item()
+            diff = max((kernels[k](x).double() - exact).abs().max().item() for k in kernels) / exact.abs().max().item()
             gflop = 2 * rows * cin * cout / 1e9
             rates = f"{gflop / med['aten']:6.1f} / {gflop / med['onednn']:6.1f}"
             print(f"{what:24} {med['aten'] * 1e3:11.2f} {med['onednn'] * 1e3:9.2f} {rates:>15} "

@@ -21,15 +21,8 @@ import featurezoo as fz
 from featurezoo.freezing import probe_input_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.test_inference import _max_rel_err as rel_err, _one_ulp_moves as one_ulp_moves  # noqa: E402
 from tests.test_inference import _randomise_norms as randomise_norms  # noqa: E402  the test's statistics
-
-
-def _outputs(out):
-    return list(out.values()) if isinstance(out, dict) else list(out)
-
-
-def rel_err(ref, got) -> float:
-    return max((a - b).abs().max().item() / a.abs().max().item() for a, b in zip(_outputs(ref), _outputs(got)))
 
 
 def main(names) -> int:
@@ -44,9 +37,7 @@ def main(names) -> int:
         with torch.no_grad():
             ref = model(x)
             fast = rel_err(ref, fz.optimize_for_inference(model, example_input=x, linear="onednn")(x))
-            moves = [rel_err(ref, model(x * (1 + 2.0 ** -23 * torch.randn(x.shape, generator=torch.Generator()
-                                                                          .manual_seed(100 + k)))))
-                     for k in range(3)]
+            moves = one_ulp_moves(model, x, ref)
             model, x = model.double(), x.double()
             exact = model(x)
             eager = rel_err(exact, ref)

@@ -22,8 +22,9 @@ the same float32 input and returns the same structure as the model it was given
    whose parameters are mostly convolution weights);
 5. computes float32 ``nn.Linear`` layers with oneDNN's matrix kernels instead of the BLAS
    (:class:`featurezoo.layers.linear.OneDnnLinear`) where those are faster on this CPU
-   (``linear="auto"``: timed once per process; on the AMD EPYC of the README's table 2.2-2.7x
-   faster, the bulk of the transformer families' time);
+   (``linear="auto"``: timed once per process; on the AMD EPYC of the README's table 1.25-2.39x
+   faster over six transformer layer shapes, ``benchmarks/bench_linear.py``; the bulk of the
+   transformer families' time);
 6. optionally runs under ``torch.autocast`` in bfloat16, where the hardware has
    bfloat16 arithmetic (see :func:`bf16_support`); the outputs are returned in
    float32;

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["check_builder_args", "check_keywords", "accepted_keywords", "check_state_dict", "check_tensor_kinds",
-           "check_input_size", "check_input_tensor"]
+           "check_input_size", "check_input_tensor", "autocast_on"]
 
 _BOOL_ARGS = ("pretrained", "features_only", "as_dict", "norm_eval", "ema", "auto_mapping")
 _RATE_ARGS = ("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate")
@@ -180,12 +180,14 @@ def check_input_tensor(model_name: str, x: Any, in_channels: Optional[int],
         raise ValueError(f"{model_name}: the input must be a floating tensor ({weight_dtype or torch.float32}), "
                          f"got {x.dtype}; convert images with x.float() / 255 and normalise them")
     if weight_dtype is not None and x.dtype != weight_dtype and weight_dtype.is_floating_point \
-            and not _autocast_on(x.device.type):
+            and not autocast_on(x.device.type):
         raise ValueError(f"{model_name}: the input is {x.dtype} but the weights are {weight_dtype}; use "
                          f"x.to({weight_dtype}), model.to({x.dtype}), or torch.autocast")
 
 
-def _autocast_on(device_type: str) -> bool:
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; never for a device type autocast does not know (meta),
+    where ``torch.is_autocast_enabled`` raises."""
     try:
         return torch.is_autocast_enabled(device_type)
     except RuntimeError:  # a device type autocast does not know (meta): no autocast there

@@ -52,14 +52,26 @@ def _max_rel_err(ref, got):
     return max((a - b).abs().max().item() / a.abs().max().item() for a, b in zip(_outputs(ref), _outputs(got)))
 
 
+def _one_ulp_moves(model, x, ref, draws=3):
+    """How far eager float32's outputs move (relative to ``ref``, its outputs on ``x``) when each input
+    value changes by about one ulp, for ``draws`` fixed random perturbations."""
+    moves = []
+    with torch.no_grad():
+        for k in range(draws):
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + k))
+            moves.append(_max_rel_err(ref, model(x * (1 + 2.0 ** -23 * noise))))
+    return moves
+
+
 @pytest.mark.parametrize("name", sorted(set(zoo_models()) - HUGE_MODELS))
 def test_every_model_matches_eager(name):
     """Each model of the zoo, built once, at its smallest size (64 px unless its size facts say
     otherwise), batch 1, random BatchNorm statistics: the inference path equals eager float32 within
-    1e-5 of max, with every ``nn.Linear`` on oneDNN. Where float32 is not that exact (a deep net's rounding, which channels-last reorders), the
-    same transformations in float64 must equal eager float64 within 1e-9 (plus what the net amplifies float64
-    rounding to), and the float32 difference stay within 1e-5 + 3x the net's float32 rounding effect (eager
-    float32's distance from float64, or the largest change a one-ulp input change makes)."""
+    1e-5 of max, with every ``nn.Linear`` on oneDNN. Where float32 is not that exact (a deep net's
+    rounding, which channels-last reorders), the same transformations in float64 must equal eager
+    float64 within 1e-9 (plus what the net amplifies float64 rounding to), and the float32 difference
+    stay within 1e-5 + 3x the net's float32 rounding effect (eager float32's distance from float64, or
+    the largest change a one-ulp input change makes)."""
     gen = torch.Generator().manual_seed(0)
     model = create_model(name, features_only=True).eval()
     n_bn = _randomise_norms(model, gen)
@@ -85,11 +97,7 @@ def test_every_model_matches_eager(name):
         # float32 rounding does to this net: eager float32's own distance from float64, or what a one-ulp
         # change of the input does to eager float32 (with random BatchNorm statistics some nets are chaotic
         # at float32: halonet_50t's output moves by up to 0.6 of its max for a one-ulp change of the input).
-        ulp_moves = []
-        with torch.no_grad():
-            for k in range(3):
-                noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + k))
-                ulp_moves.append(_max_rel_err(ref, model(x * (1 + 2.0 ** -23 * noise))))
+        ulp_moves = _one_ulp_moves(model, x, ref)
         model, x = model.double(), x.double()
         with torch.no_grad():
             exact = model(x)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["OneDnnLinear", "onednn_linear_available", "onednn_linear_faster", "use_onednn_linears"]
+__all__ = ["OneDnnLinear", "onednn_linear", "onednn_linear_available", "onednn_linear_faster", "use_onednn_linears"]
 
 _logger = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def onednn_linear_available() -> bool:
             and hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` by oneDNN's kernel (float32 on the CPU; no autograd)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -48,7 +49,7 @@ class OneDnnLinear(nn.Linear):
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and x.dim() >= 2 and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            return _onednn_linear(x.contiguous(), self.weight, self.bias)
+            return onednn_linear(x.contiguous(), self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -71,7 +72,7 @@ def _timed_choice(threads: int, shape: Tuple[int, int, int]) -> bool:
     b = torch.randn(cols_out, generator=gen)
     with torch.inference_mode():
         aten = _median_seconds(lambda: F.linear(x, w, b), 5)
-        onednn = _median_seconds(lambda: _onednn_linear(x, w, b), 5)
+        onednn = _median_seconds(lambda: onednn_linear(x, w, b), 5)
     _logger.info("linear %s on %d threads: aten %.2f ms, oneDNN %.2f ms", shape, threads, aten * 1e3, onednn * 1e3)
     # A clear margin: where the two are equal the plain kernel is kept.
     return onednn < 0.9 * aten

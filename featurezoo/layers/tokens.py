@@ -15,6 +15,7 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..validate import autocast_on
 from .fx_calls import fx_call
 
 __all__ = ["resample_pos_embed", "resample_pos_map", "tokens_to_nchw", "nchw_to_tokens", "grid_size"]
@@ -43,20 +44,12 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_hw: Sequence[int], old_hw: S
     old_hw = (int(old_hw[0]), int(old_hw[1]))
     if old_hw == new_hw:
         return pos_embed
-    if _autocast_on(pos_embed.device.type):
+    if autocast_on(pos_embed.device.type):
         # Outside autocast: CPU autocast rejects float16 (PVT's embeddings are float16, as MindCV's) in the
         # ops it re-types ("Unexpected floating ScalarType in at::autocast::prioritize").
         with torch.autocast(pos_embed.device.type, enabled=False):
             return _resample_grid(prefix, grid, old_hw, new_hw, mode, pos_embed.dtype)
     return _resample_grid(prefix, grid, old_hw, new_hw, mode, pos_embed.dtype)
-
-
-def _autocast_on(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (never for devices autocast does not know, such as meta)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # "unknown device type for autocast"
-        return False
 
 
 def _resample_grid(prefix: torch.Tensor, grid: torch.Tensor, old_hw: Tuple[int, int], new_hw: Tuple[int, int],

@@ -24,8 +24,8 @@ from .constants import cacheable, tensor_cache
 from .mlp import Mlp
 
 __all__ = ["SwinStages", "window_partition", "window_reverse", "relative_position_index", "shift_window_mask",
-           "pad_to_multiple", "padded_size", "project_qkv", "fuse_qkv", "window_attention", "ShiftMaskCache", "PatchEmbed",
-           "Mlp"]
+           "pad_to_multiple", "padded_size", "project_qkv", "fuse_qkv", "window_attention", "ShiftMaskCache",
+           "PatchEmbed", "Mlp"]
 
 # MindCV's (and the paper's) additive mask between tokens of different shifted regions.
 MASK_VALUE = -100.0
@@ -111,35 +111,34 @@ def project_qkv(x: torch.Tensor, attn: nn.Module, num_heads: int) -> Tuple[torch
     (as timm's fused qkv), and the heads split off with one copy. After :func:`fuse_qkv` (the
     inference path) ``attn.qkv`` holds the stacked layer and is used as it is.
     """
-    fused = attn.qkv
-    if fused is not None:
-        qkv = fused(x)
-    else:
-        linears = (attn.q, attn.k, attn.v)
-        weight = torch.cat([lin.weight for lin in linears])
-        bias = None
-        if any(lin.bias is not None for lin in linears):
-            bias = torch.cat([lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias
-                              for lin in linears])
-        qkv = F.linear(x, weight, bias)
+    qkv = attn.qkv(x) if attn.qkv is not None else F.linear(x, *_stacked_qkv(attn))
     b, nw, n, _ = x.shape
     qkv = qkv.view(b, nw, n, 3, num_heads, -1).permute(3, 0, 1, 4, 2, 5).contiguous()
     return qkv.unbind(0)
+
+
+def _stacked_qkv(attn: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``attn.q``, ``attn.k``, ``attn.v`` as one weight and bias (zeros for a layer without bias; None if
+    none has one)."""
+    linears = (attn.q, attn.k, attn.v)
+    weight = torch.cat([lin.weight for lin in linears])
+    if all(lin.bias is None for lin in linears):
+        return weight, None
+    return weight, torch.cat([lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias
+                              for lin in linears])
 
 
 @torch.no_grad()
 def fuse_qkv(attn: nn.Module) -> None:
     """Replace ``attn``'s ``q``, ``k``, ``v`` layers by one stacked ``attn.qkv`` layer (the weights are
     concatenated once instead of on every forward); :func:`project_qkv` then uses it."""
-    linears = (attn.q, attn.k, attn.v)
-    fused = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears),
-                      bias=any(lin.bias is not None for lin in linears),
-                      device=linears[0].weight.device, dtype=linears[0].weight.dtype)
-    fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
-    if fused.bias is not None:
-        fused.bias.copy_(torch.cat([lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias
-                                    for lin in linears]))
-    fused.requires_grad_(linears[0].weight.requires_grad)
+    weight, bias = _stacked_qkv(attn)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                      dtype=weight.dtype)
+    fused.weight.copy_(weight)
+    if bias is not None:
+        fused.bias.copy_(bias)
+    fused.requires_grad_(attn.q.weight.requires_grad)
     del attn.q, attn.k, attn.v
     attn.qkv = fused
 
