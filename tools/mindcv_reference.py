@@ -39,6 +39,11 @@ import traceback
 from pathlib import Path
 
 os.environ.setdefault("GLOG_v", "3")  # silence MindSpore's C++ INFO/WARNING logging
+# MindSpore hands oneDNN its convolutions in plain NCHW layout. On AVX-512 CPUs oneDNN 3.10 then picks
+# "jit_uni_ncsp:conv+ref", a reference kernel at 0.5-0.9 GFLOP/s (VGG-19 at 224 px took 142 s); capped at AVX2 it
+# picks a JIT kernel at ~43 GFLOP/s. Outputs move by ~1e-6 of max, far inside the parity tolerance. A cap, so
+# machines without AVX-512 are unaffected; set ONEDNN_MAX_CPU_ISA yourself to override.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
 import numpy as np  # noqa: E402
 
@@ -469,6 +474,7 @@ def run_job(job, out_root, force=False):
         if odd:
             meta["non_float32_params"] = odd
         meta["create_s"] = round(time.time() - t0, 3)
+        meta["onednn_max_cpu_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA")
 
         stage = "randomise"
         meta["randomised_norms"] = randomise_norms(net, np.random.RandomState(seed + 1))
