@@ -11,6 +11,7 @@ noise hits both alike; medians are reported, and their ratio (target >= 0.9).
     python benchmarks/bench_extract.py --model mobilenet_v3_small_100 --images 256
     python benchmarks/bench_extract.py --workers auto 0 1 2 --threads 2  # compare loader settings
     python benchmarks/bench_extract.py --engines local ray --images 512  # the Ray engine against the local one
+    python benchmarks/bench_extract.py --layout --repeats 5              # laying out channels-last maps in C order
 
 With ``--engines ... ray`` each repeat also runs the Ray engine
 (``engine="ray"``) on the same images, into its own OUT. Ray is started once
@@ -114,6 +115,39 @@ def compare_decoders(paths: List[Path], pre: Preprocess, repeats: int) -> None:
         print(f"{name:38} {statistics.median(cpu_ms[name]):12.2f} {diff.max():10d} {diff.mean():11.4f}")
 
 
+def compare_layouts(model, batch: torch.Tensor, repeats: int) -> None:
+    """CPU time (one thread) per image of laying out the model's maps in C order, as the shard writer does.
+
+    The inference path's maps are channels-last; a stored row is C order. Compared: a 3-D strided copy of
+    each row, the 2-D transpose ``(H*W, C) -> (C, H*W)`` that the writer uses, and a plain copy (no layout
+    change, the floor)."""
+    from featurezoo.extract.store import _lay_out
+
+    with torch.inference_mode():
+        maps = [m.clone() for m in model(batch)]
+    print(f"maps: {', '.join(str(tuple(m.shape[1:])) for m in maps)}, channels-last: "
+          f"{[m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous() for m in maps]}, "
+          f"{sum(m[0].numel() * m.element_size() for m in maps) / 2**20:.2f} MB per image")
+    dests = [torch.empty(m.shape[1:], dtype=m.dtype) for m in maps]
+    ways = {"3-D strided copy": lambda d, r: d.copy_(r), "2-D transpose (featurezoo)": _lay_out,
+            "plain copy, no layout change": lambda d, r: d.view(-1).copy_(r.permute(1, 2, 0).reshape(-1))}
+    times: Dict[str, List[float]] = {k: [] for k in ways}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the writer thread's copies: one thread
+    try:
+        for _ in range(repeats):
+            for name, lay in ways.items():
+                t0 = time.thread_time()
+                for m, d in zip(maps, dests):
+                    for row in m:
+                        lay(d, row)
+                times[name].append((time.thread_time() - t0) / batch.shape[0] * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    for name, v in times.items():
+        print(f"{name:30} {statistics.median(v):6.2f} CPU ms/image")
+
+
 def model_only_rate(model, batches: List[torch.Tensor], pool: str, device: torch.device) -> float:
     """Images/s of the forward (plus pooling, as extraction does) on preloaded input tensors."""
     n = sum(b.shape[0] for b in batches)
@@ -160,6 +194,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--decoders", action="store_true",
                     help="instead: compare JPEG decoders' CPU time per image and pixels on the images")
+    ap.add_argument("--layout", action="store_true",
+                    help="instead: compare ways of laying out the model's channels-last maps in C order")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -194,6 +230,9 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}, "
           f"levels {indices}, pool {args.pool} ({out_mb:.2f} MB stored per image), "
           f"decode+preprocess {decode_ms:.1f} ms/image in one thread, jpeg draft {not args.no_draft}")
+    if args.layout:
+        compare_layouts(model, batches[0], args.repeats)
+        return 0
     with torch.inference_mode():  # warm-up: allocator, kernels
         model(batches[0])
 

@@ -5,6 +5,7 @@ The kill-a-subprocess resume test is in test_cli.py.
 """
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import featurezoo as fz
 from featurezoo.extract import (ExtractError, Preprocess, build_feature_model, choose_workers, collect_inputs,
                                 extract_features, iter_shards, load_features)
 from featurezoo.extract.data import ImageBatches, SkippedImage
-from featurezoo.extract.run import Decoding, _threaded, choose_decoding
+from featurezoo.extract.run import Decoding, _threaded, _TimedThreads, choose_decoding
 
 MODEL = "resnet18"
 SIZE = (64, 64)
@@ -193,6 +194,21 @@ def test_batches_hold_the_sorted_inputs(tmp_path):
     assert (k, tuple(batch.shape), rows, skipped) == (2, (1, 16, 16, 3), [4], [])
 
 
+def test_a_batch_decoded_on_threads_equals_it_decoded_serially(tmp_path):
+    """The probe batches of an automatic run are decoded on a thread pool: same pixels, rows and skipped inputs."""
+    write_good_images(tmp_path, 6)
+    reasons = write_bad_inputs(tmp_path)
+    paths = collect_inputs([tmp_path])
+    ds = ImageBatches(paths, len(paths), Preprocess.from_cfg(fz.create_model(MODEL).default_cfg, size=(16, 16)))
+    serial = ds[0]
+    with _TimedThreads(2) as pool:
+        threaded = ds.decode(0, pool)
+    assert len(serial[3]) == len(reasons) and len(serial[2]) == 6  # the bad inputs are among the batch
+    assert threaded[0] == 0 and threaded[2:] == serial[2:]
+    assert torch.equal(threaded[1], serial[1])
+    assert pool.busy > 0
+
+
 def test_auto_workers_decode_in_process_when_decoding_is_cheap():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose_workers(0.06, cpu, cores=2) == 0  # resnet50 on 2 cores: workers cost more than they save
@@ -201,15 +217,33 @@ def test_auto_workers_decode_in_process_when_decoding_is_cheap():
     assert choose_workers(0.01, cuda, cores=16) == 1 and choose_workers(40.0, cuda, cores=16) == 15
 
 
-def test_auto_decoding_on_a_cpu_uses_threads_and_splits_the_cores():
+def test_auto_decoding_on_a_cpu_decodes_beside_the_model_or_phased():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_decoding(0.06, cpu, cores=2) == Decoding(0, 1, None)  # resnet50: one thread, model keeps its cores
-    assert choose_decoding(0.8, cpu, cores=2) == Decoding(0, 1, 1)  # mobilenet_v3_small: one core each
-    assert choose_decoding(0.5, cpu, cores=16) == Decoding(0, 5, 11)  # 16 * 0.5 / 1.5 = 5.3
-    assert choose_decoding(9.0, cpu, cores=4) == Decoding(0, 3, 1)  # the model keeps a core
-    assert choose_decoding(2.5, cpu, cores=16, model_threads=8) == Decoding(0, 3, None)  # threads given: kept
+    assert choose_decoding(0.06, cpu, cores=2) == Decoding(0, 1, None)  # resnet50: one thread beside the model
+    assert choose_decoding(0.8, cpu, cores=2) == Decoding(0, 2, None, phased=True)  # mobilenet_v3_small: all cores
+    assert choose_decoding(9.0, cpu, cores=64) == Decoding(0, 16, None, phased=True)  # at most AUTO_MAX_WORKERS
+    assert choose_decoding(2.5, cpu, cores=16, model_threads=8) == Decoding(0, 16, None, phased=True)
     assert choose_decoding(0.8, cpu, cores=1) == Decoding(0, 1, None)
     assert choose_decoding(0.01, cuda, cores=16) == Decoding(1, 0, None)  # GPU: processes, as choose_workers
+
+
+def test_phased_decoding_stores_the_same_rows(tmp_path, images, monkeypatch):
+    """An automatic run that decodes phased (each batch on a thread pool, then the model) stores the rows the
+    model gives on the same batches, records the choice, and keeps no thread running after it."""
+    from featurezoo.extract import run
+
+    monkeypatch.setattr(run, "choose_decoding", lambda *a, **k: Decoding(0, 2, None, phased=True))
+    out = tmp_path / "out"
+    before = threading.active_count()
+    extract_features(MODEL, [images], out, **{**RUN, "workers": None, "batch_size": 1})
+    assert threading.active_count() == before
+    feats = load_features(out)
+    last = feats.meta["runs"][-1]
+    assert (last["decode_phased"], last["decode_threads"], last["workers"]) == (True, 2, 0)
+    model = build_feature_model(MODEL, "pyramid")
+    want = _direct(model, feats.paths, Preprocess.from_cfg(model.default_cfg, SIZE), 1)
+    for got, w in zip(feats.levels.values(), want):
+        torch.testing.assert_close(got, w, rtol=0, atol=0)
 
 
 # -- extraction ----------------------------------------------------------------------------------------------
@@ -460,6 +494,8 @@ def _shard_tensors():
         "half": torch.randn(2, 7, 5, 3, generator=gen).to(torch.float16).contiguous(memory_format=torch.channels_last),
         "empty": torch.zeros(0, 4),
         "vec": torch.arange(5, dtype=torch.float32),
+        "odd": torch.randn(3, generator=gen).to(torch.float16),  # 6 bytes: what follows starts misaligned
+        "cl2": torch.randn(2, 5, 4, 6, generator=gen).contiguous(memory_format=torch.channels_last),
     }
 
 
@@ -474,7 +510,8 @@ def _expected_size(tensors, path):
     return 8 + head + sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-@pytest.mark.parametrize("how", ["direct", "no O_DIRECT flag", "refused at the first write", "small: buffered"])
+@pytest.mark.parametrize("how", ["direct", "direct, small staging buffer", "no O_DIRECT flag",
+                                 "refused at the first write", "small: buffered"])
 def test_shards_hold_the_tensors_in_c_order_whichever_way_they_are_written(tmp_path, monkeypatch, how):
     from featurezoo.extract import store
 
@@ -484,6 +521,10 @@ def test_shards_hold_the_tensors_in_c_order_whichever_way_they_are_written(tmp_p
     used = []
     real_direct = store._write_direct
     monkeypatch.setattr(store, "_write_direct", lambda *a: used.append(real_direct(*a)) or used[-1])
+    if how == "direct, small staging buffer":
+        # 64 KB: "cl"'s 248 KB rows go through the row buffer, and most writes leave a part block behind
+        monkeypatch.setattr(store, "_DIRECT_CHUNK", 64 << 10)
+        monkeypatch.setattr(store, "_staging", threading.local())
     if how == "no O_DIRECT flag":
         monkeypatch.delattr(os, "O_DIRECT", raising=False)
     elif how == "refused at the first write":
@@ -503,13 +544,32 @@ def test_shards_hold_the_tensors_in_c_order_whichever_way_they_are_written(tmp_p
         assert got[k].dtype == t.dtype and torch.equal(got[k], t.contiguous()), k
     assert path.stat().st_size == _expected_size(tensors, path)
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]  # no temporary file left
-    if how == "direct" and hasattr(os, "O_DIRECT"):
+    if how.startswith("direct") and hasattr(os, "O_DIRECT"):
         # False only where the filesystem of tmp_path refuses O_DIRECT (tmpfs); ext4 here takes it
         assert used == [True] or (used == [False] and _on_tmpfs(tmp_path))
     elif how == "small: buffered":
         assert used == []
     else:
         assert used == [False]
+
+
+def test_direct_writes_lay_channels_last_rows_out_in_the_staging_buffer(tmp_path):
+    """Rows that fit are transposed straight into the O_DIRECT staging buffer: no row buffer is made."""
+    from featurezoo.extract import store
+
+    if not hasattr(os, "O_DIRECT") or _on_tmpfs(tmp_path):
+        pytest.skip("needs a filesystem that takes O_DIRECT")  # (ext4 on the project's machines)
+    t = torch.randn(6, 32, 40, 40).contiguous(memory_format=torch.channels_last)  # 1.2 MB
+    seen = {}
+
+    def write():
+        store.write_safetensors(tmp_path / "s.safetensors", {"t": t}, {})
+        seen["rows"] = getattr(store._staging, "rows", None)
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join()
+    assert seen == {"rows": None}
+    assert torch.equal(_read_shard(tmp_path / "s.safetensors")["t"], t.contiguous())
 
 
 def test_channels_last_rows_reuse_one_buffer_per_thread(tmp_path):
