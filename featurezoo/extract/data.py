@@ -26,6 +26,7 @@ import dataclasses
 import math
 import os
 import stat
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
@@ -291,20 +292,28 @@ def batch_bounds(k: int, batch_size: int, n: int) -> Tuple[int, int]:
     return k * batch_size, min((k + 1) * batch_size, n)
 
 
-def decode_batch(paths: Sequence[str], start: int, stop: int,
-                 preprocess: Preprocess) -> Tuple[torch.Tensor, List[int], List[Tuple[int, str]]]:
+def decode_batch(paths: Sequence[str], start: int, stop: int, preprocess: Preprocess,
+                 executor: Optional[Executor] = None) -> Tuple[torch.Tensor, List[int], List[Tuple[int, str]]]:
     """Decode ``paths[start:stop]``: ``(uint8 (n, H, W, 3), rows, skipped)``, what every engine runs per batch.
 
     ``rows`` are the positions of the ``n`` decoded images, in order;
-    ``skipped`` is ``[(position, reason)]`` for the others.
+    ``skipped`` is ``[(position, reason)]`` for the others. With an
+    ``executor`` the images are decoded on its threads (same result).
     """
-    arrays, rows, skipped = [], [], []
-    for pos in range(start, stop):
+    def load(pos: int) -> Union[np.ndarray, SkippedImage]:
         try:
-            arrays.append(preprocess.load(paths[pos]))
-            rows.append(pos)
+            return preprocess.load(paths[pos])
         except SkippedImage as e:
-            skipped.append((pos, str(e)))
+            return e
+
+    positions = range(start, stop)
+    arrays, rows, skipped = [], [], []
+    for pos, got in zip(positions, map(load, positions) if executor is None else executor.map(load, positions)):
+        if isinstance(got, SkippedImage):
+            skipped.append((pos, str(got)))
+        else:
+            arrays.append(got)
+            rows.append(pos)
     h, w = preprocess.size
     batch = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, h, w, 3), dtype=torch.uint8)
     return batch, rows, skipped
@@ -365,4 +374,8 @@ class ImageBatches(torch.utils.data.Dataset):
         return batch_bounds(k, self.batch_size, len(self.paths))
 
     def __getitem__(self, k: int):
-        return (k, *decode_batch(self.paths, *self.bounds(k), self.preprocess))
+        return self.decode(k)
+
+    def decode(self, k: int, executor: Optional[Executor] = None):
+        """Item ``k``, its images decoded on ``executor``'s threads if given."""
+        return (k, *decode_batch(self.paths, *self.bounds(k), self.preprocess, executor))

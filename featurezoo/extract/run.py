@@ -5,8 +5,9 @@ as a bounded pipeline of three stages that overlap: images are decoded
 (:mod:`.data`) a few batches ahead, on threads of this process (or in
 DataLoader worker processes); the model runs on the main thread; a writer
 thread casts (``store_dtype``) and writes the shards (:mod:`.store`). How
-decoding runs, and on a CPU how the cores are split between decoding and the
-model, is chosen from the first batches' timings (:func:`choose_decoding`). ``engine="ray"`` hands the
+decoding runs (beside the model, or on a CPU where it costs a quarter of the
+model's time or more, phased: each batch on every core, then the model) is
+chosen from the first batches' timings (:func:`choose_decoding`). ``engine="ray"`` hands the
 same plan to :mod:`.ray_engine`. The checks, the settings, the output
 directory and the summary are the engines' shared :mod:`.plan`. See
 ``benchmarks/bench_extract.py``.
@@ -51,7 +52,8 @@ def default_workers() -> int:
     return max(1, min(8, available_cores() - 1))
 
 
-# workers=None ("auto"): the first batches are decoded in this process and timed against the model.
+# workers=None ("auto"): the first batches are decoded in this process (on every core, while the model waits)
+# and timed against the model.
 AUTO_PROBE_BATCHES = 2
 AUTO_MIN_DECODE_SHARE = 0.25
 AUTO_MAX_WORKERS = 16
@@ -84,6 +86,7 @@ class Decoding(NamedTuple):
     workers: int  # decoding processes (DataLoader workers)
     threads: int  # decoding threads in this process, when workers is 0 (0: between batches, on the model's thread)
     model_threads: Optional[int]  # torch threads for the model; None: unchanged
+    phased: bool = False  # the threads decode each batch's images together while the model waits, then the model runs
 
 
 def choose_decoding(decode_per_model: float, device: torch.device, cores: Optional[int] = None,
@@ -93,27 +96,29 @@ def choose_decoding(decode_per_model: float, device: torch.device, cores: Option
     On a GPU, decoding processes as :func:`choose_workers` says (the model
     leaves the cores to them). On a CPU, decoding runs on threads of this
     process (Pillow's decoder and resampler release the GIL; no process
-    start-up, pickling or copies) while the model runs:
+    start-up, pickling or copies):
 
     * cheap decoding (under :data:`AUTO_MIN_DECODE_SHARE` of the model's time):
-      one thread, which fills the model's idle moments, and the model keeps
-      its threads;
-    * otherwise, if ``model_threads`` was given, enough threads to keep up
-      (``ceil(r)``, at most one per core); if not, the cores are split in
-      proportion to the two times: ``round(cores * r / (1 + r))`` decoding
-      threads (at least 1, at most ``cores - 1``) and the rest for the model.
-      A decoding thread that competes with every model thread for the cores
-      stalls the model's parallel regions (each waits for its slowest thread).
+      one thread, decoding ahead while the model runs, filling its idle
+      moments; the model keeps its threads;
+    * otherwise, phased: one thread per core decodes each batch's images
+      together, then the model runs on its threads, while the next batch
+      waits. Decoding beside the model instead puts more busy threads than
+      cores on the machine, and a model thread that loses its core stalls
+      the model's parallel regions (each waits for its slowest thread): on
+      2 cores, mobilenet_v3_small_100 (decoding 2-3x the model's time)
+      extracted at 208-232 img/s with 2 decoding threads beside the model's
+      2 and 249-281 with the cores split 1/1, against 244-310 phased
+      (``benchmarks/bench_extract.py``, README).
+
+    ``model_threads`` (the run's ``threads``, when given) is kept in every case.
     """
     cores = cores or available_cores()
     if device.type != "cpu":
         return Decoding(choose_workers(decode_per_model, device, cores), 0, None)
     if decode_per_model < AUTO_MIN_DECODE_SHARE or cores < 2:
         return Decoding(0, 1, None)
-    if model_threads:
-        return Decoding(0, max(1, min(cores, AUTO_MAX_WORKERS, math.ceil(decode_per_model))), None)
-    n = max(1, min(cores - 1, AUTO_MAX_WORKERS, round(cores * decode_per_model / (1 + decode_per_model))))
-    return Decoding(0, n, cores - n)
+    return Decoding(0, min(cores, AUTO_MAX_WORKERS), None, phased=True)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -162,6 +167,26 @@ class _Writer:
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+class _TimedThreads(ThreadPoolExecutor):
+    """Threads that add up how long their tasks took (``busy``, seconds): the probe batches are decoded on every
+    core while the model waits, and ``busy`` is what decoding them on one thread would have taken."""
+
+    def __init__(self, threads: int):
+        super().__init__(max_workers=threads, thread_name_prefix="featurezoo-probe")
+        self.busy = 0.0
+        self._lock = threading.Lock()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        def timed():
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.busy += time.perf_counter() - t0
+        return super().submit(timed)
 
 
 @contextlib.contextmanager
@@ -239,9 +264,9 @@ def extract_features(
         out_indices: as for ``create_model``: ints, ``None`` (all) or ``"pyramid"``.
         pool: ``"none"`` stores ``(C, H, W)`` maps, ``"avg"``/``"max"`` store ``(C,)`` vectors.
         workers: decoding processes; 0 decodes in this process, on ``decode_threads``
-            threads; ``None`` (auto) times the first batches decoded in this process
+            threads; ``None`` (auto) times the first batches decoded in this process (on every core)
             against the model and picks with :func:`choose_decoding` (on a CPU:
-            threads, and with ``threads=None`` the model's share of the cores).
+            one thread beside the model, or phased on every core).
             Local engine only.
         decode_threads: with no decoding processes, the threads that decode in this
             process while the model runs (default: 1, or with ``workers=None`` as
@@ -366,24 +391,29 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
         with num_threads(threads), torch.inference_mode():
             if auto:  # time the first batches in this process, then choose
                 probe, pending = pending[:AUTO_PROBE_BATCHES], pending[AUTO_PROBE_BATCHES:]
-                for k in probe:
-                    t_start = time.perf_counter()
-                    item = dataset[k]
-                    t_decoded = time.perf_counter()
-                    compute(*item)
-                    if item[2]:  # the last probe batch with images: after the first, warm-up is over
-                        ratio = (t_decoded - t_start) / max(time.perf_counter() - t_decoded, 1e-9)
+                with _TimedThreads(available_cores()) as pool:
+                    for k in probe:
+                        pool.busy = 0.0
+                        item = dataset.decode(k, pool)
+                        t_decoded = time.perf_counter()
+                        compute(*item)
+                        if item[2]:  # the last probe batch with images: after the first, warm-up is over
+                            ratio = pool.busy / max(time.perf_counter() - t_decoded, 1e-9)
                 if pending:
                     choice = Decoding(default_workers(), 0, None) if ratio is None else \
                         choose_decoding(ratio, dev, model_threads=threads)
-                    if decode_threads is not None and not choice.workers:
-                        choice = choice._replace(threads=decode_threads)
-                    _logger.info("decoding takes %s the model's time: %d decoding process(es), %d thread(s); "
+                    if decode_threads is not None and not choice.workers:  # threads beside the model, as asked
+                        choice = choice._replace(threads=decode_threads, phased=False)
+                    _logger.info("decoding takes %s the model's time: %d decoding process(es), %d thread(s)%s; "
                                  "model threads %s", "?" if ratio is None else f"{ratio:.2f}x", choice.workers,
-                                 choice.threads, choice.model_threads or "unchanged")
+                                 choice.threads, ", phased" if choice.phased else "",
+                                 choice.model_threads or "unchanged")
             choice = choice._replace(workers=min(choice.workers, len(pending)))
             with num_threads(choice.model_threads):
-                if pending and choice.workers:
+                if pending and choice.phased:
+                    with _TimedThreads(choice.threads) as pool:
+                        consume(dataset.decode(k, pool) for k in pending)
+                elif pending and choice.workers:
                     loader = torch.utils.data.DataLoader(
                         dataset, batch_size=None, sampler=pending, num_workers=choice.workers,
                         pin_memory=dev.type == "cuda", prefetch_factor=4,
@@ -404,7 +434,7 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
     seconds = time.perf_counter() - t0
     return finish(plan, before, done, seconds,
                   {"workers": choice.workers, "workers_auto": auto,
-                   "decode_threads": 0 if choice.workers else choice.threads,
+                   "decode_threads": 0 if choice.workers else choice.threads, "decode_phased": choice.phased,
                    "decode_model_ratio": None if ratio is None else round(ratio, 4),
                    "threads": model_threads, "device": str(dev),
                    # where the time went: the model's thread computing, waiting for decoded batches, and
