@@ -18,12 +18,16 @@ $(VENV)/.stamp: requirements-dev.txt pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-msvenv: $(MS_VENV)/.stamp
-$(MS_VENV)/.stamp: tools/mindcv-requirements.txt
-	rm -rf $(MS_VENV)
-	$(PY) -m venv $(MS_VENV)
-	$(MS_VENV)/bin/pip install -q --disable-pip-version-check -r tools/mindcv-requirements.txt
-	touch $@
+# The MindCV venv lives outside the repo, so a fresh clone's new file times must not rebuild it: it is rebuilt
+# when the requirements differ from the copy kept in it, which is written last, after a complete install.
+msvenv:
+	@if cmp -s tools/mindcv-requirements.txt $(MS_VENV)/requirements.txt; then \
+		echo "MindCV environment up to date: $(MS_VENV)"; \
+	else \
+		set -ex; rm -rf $(MS_VENV); $(PY) -m venv $(MS_VENV); \
+		$(MS_VENV)/bin/pip install -q --disable-pip-version-check -r tools/mindcv-requirements.txt; \
+		cp tools/mindcv-requirements.txt $(MS_VENV)/requirements.txt; \
+	fi
 
 # MindCV reference outputs for every model the tests compare (only missing ones are computed).
 refs: venv msvenv

@@ -175,8 +175,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out-indices", default="pyramid", help="'pyramid', 'all' or e.g. 1,2,3")
     ap.add_argument("--workers", nargs="+", default=["auto"],
                     help="decoding settings to compare: 'auto' (the default choice), N decoding processes (0: "
-                         "decoding threads in this process, --decode-threads), or 'serial' (decoding on the "
-                         "model's thread between batches: workers=0, decode_threads=0)")
+                         "decoding threads in this process, --decode-threads; 0:N: N of them), or 'serial' "
+                         "(decoding on the model's thread between batches: workers=0, decode_threads=0)")
     ap.add_argument("--decode-threads", type=int, default=None, help="decoding threads where workers is 0")
     ap.add_argument("--store-dtype", default=None, choices=list(DTYPES), help="stored dtype (default: --dtype)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -244,6 +244,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return dict(workers=None, decode_threads=args.decode_threads)
         if w == "serial":
             return dict(workers=0, decode_threads=0)
+        if w.startswith("0:"):  # N decoding threads beside the model
+            return dict(workers=0, decode_threads=int(w[2:]))
         return dict(workers=int(w), decode_threads=args.decode_threads if w == "0" else None)
 
     runs = [(f"extract w={w}", setting(w)) for w in args.workers] if "local" in args.engines else []

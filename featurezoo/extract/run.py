@@ -107,9 +107,9 @@ def choose_decoding(decode_per_model: float, device: torch.device, cores: Option
       cores on the machine, and a model thread that loses its core stalls
       the model's parallel regions (each waits for its slowest thread): on
       2 cores, mobilenet_v3_small_100 (decoding 2-3x the model's time)
-      extracted at 208-232 img/s with 2 decoding threads beside the model's
-      2 and 249-281 with the cores split 1/1, against 244-310 phased
-      (``benchmarks/bench_extract.py``, README).
+      extracted at 201.8 img/s with 1 decoding thread beside the model's 2,
+      231.1 with 2, and 288.5 phased (``benchmarks/bench_extract.py
+      --workers auto 0:1 0:2``, README).
 
     ``model_threads`` (the run's ``threads``, when given) is kept in every case.
     """
