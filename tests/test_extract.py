@@ -19,7 +19,7 @@ import featurezoo as fz
 from featurezoo.extract import (ExtractError, Preprocess, build_feature_model, choose_workers, collect_inputs,
                                 extract_features, iter_shards, load_features)
 from featurezoo.extract.data import ImageBatches, SkippedImage
-from featurezoo.extract.run import Decoding, _threaded, _TimedThreads, choose_decoding
+from featurezoo.extract.run import Decoding, _Lanes, _threaded, _TimedThreads, choose_decoding
 
 MODEL = "resnet18"
 SIZE = (64, 64)
@@ -217,9 +217,13 @@ def test_auto_workers_decode_in_process_when_decoding_is_cheap():
     assert choose_workers(0.01, cuda, cores=16) == 1 and choose_workers(40.0, cuda, cores=16) == 15
 
 
-def test_auto_decoding_on_a_cpu_decodes_beside_the_model_or_phased():
+def test_auto_decoding_on_a_cpu_runs_lanes_or_phased():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_decoding(0.06, cpu, cores=2) == Decoding(0, 1, None)  # resnet50: one thread beside the model
+    # resnet50: two lanes, each decoding its batch and running the model on half the threads
+    assert choose_decoding(0.06, cpu, cores=2) == Decoding(0, 0, 1, lanes=2)
+    assert choose_decoding(0.06, cpu, cores=2, model_threads=2) == Decoding(0, 0, 1, lanes=2)
+    assert choose_decoding(0.1, cpu, cores=16, model_threads=8) == Decoding(0, 0, 4, lanes=2)
+    assert choose_decoding(0.1, cpu, cores=16, model_threads=1) == Decoding(0, 0, 1, lanes=2)
     assert choose_decoding(0.8, cpu, cores=2) == Decoding(0, 2, None, phased=True)  # mobilenet_v3_small: all cores
     assert choose_decoding(9.0, cpu, cores=64) == Decoding(0, 16, None, phased=True)  # at most AUTO_MAX_WORKERS
     assert choose_decoding(2.5, cpu, cores=16, model_threads=8) == Decoding(0, 16, None, phased=True)
@@ -269,6 +273,76 @@ def test_rows_equal_the_feature_model_on_the_same_tensors(tmp_path, images):
     assert {"torch", "pillow", "featurezoo", "safetensors"} <= set(meta["versions"])
 
 
+def _stored_shapes(out, k=0):
+    with safe_open(str(Path(out) / "shards" / f"{k:06d}.safetensors"), framework="pt") as f:
+        return {key: f.get_slice(key).get_shape() for key in f.keys()}
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["inference", "eager"])
+@pytest.mark.parametrize("layout", [None, "nhwc", "nchw"])
+def test_layout_stores_maps_nhwc_by_default_and_loads_them_nchw(tmp_path, images, layout, eager):
+    """Maps are stored (N, H, W, C) by default or when asked, (N, C, H, W) with layout 'nchw', from the inference
+    path's channels-last maps and from the eager model's C-order ones alike; load_features returns (N, C, H, W)
+    rows equal to the model's either way (nhwc: as channels-last views), and meta.json records the layout."""
+    out = tmp_path / "out"
+    extract_features(MODEL, [images], out, layout=layout, eager=eager, **{**RUN, "out_indices": [1, 4]})
+    feats = load_features(out)
+    settings = feats.meta["settings"]
+    assert feats.meta["format_version"] == 2 and settings.get("layout", "nchw") == (layout or "nhwc")
+    model = build_feature_model(MODEL, [1, 4], eager=eager)
+    want = _direct(model, feats.paths, Preprocess.from_cfg(model.default_cfg, SIZE), RUN["batch_size"])
+    stored = _stored_shapes(out)
+    for (key, got), w in zip(feats.levels.items(), want):
+        n, c, h, wd = w[:3].shape
+        assert stored[key] == ([n, h, wd, c] if (layout or "nhwc") == "nhwc" else [n, c, h, wd])
+        assert got.shape == w.shape
+        assert got.is_contiguous(memory_format=torch.channels_last) == ((layout or "nhwc") == "nhwc")
+        torch.testing.assert_close(got, w, rtol=0, atol=0)
+    for paths, levels in iter_shards(out):
+        assert [tuple(t.shape[1:]) for t in levels.values()] == [tuple(w.shape[1:]) for w in want]
+
+
+def test_a_version_1_directory_resumes_in_its_own_layout(tmp_path, images):
+    """A run cut short by an older featurezoo (format version 1, maps stored (N, C, H, W), no layout named) is
+    resumed as it is: its remaining shards are NCHW too, and the rows are those of an uninterrupted run. Asking
+    for nhwc against it is refused, naming the setting, and changes nothing."""
+    out = tmp_path / "out"
+    extract_features(MODEL, [images], out, layout="nchw", **RUN)
+    want = load_features(out).levels
+    meta = json.loads((out / "meta.json").read_text())
+    assert "layout" not in meta["settings"]  # nchw is recorded by its absence, as version 1 did
+    meta["format_version"] = 1
+    meta["status"]["complete"] = False
+    (out / "meta.json").write_text(json.dumps(meta))
+    lines = (out / "index.jsonl").read_text().splitlines()
+    (out / "index.jsonl").write_text("\n".join(lines[:RUN["batch_size"]]) + "\n")  # batch 0 only
+    (out / "shards" / "000001.safetensors").unlink()
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(ExtractError, match="different settings: layout"):
+        extract_features(MODEL, [images], out, layout="nhwc", **RUN)
+    assert sorted(p.name for p in out.rglob("*")) == before
+    summary = extract_features(MODEL, [images], out, **RUN)
+    assert summary.new_images == 5 - RUN["batch_size"]
+    feats = load_features(out)
+    assert "layout" not in feats.meta["settings"]
+    stored = _stored_shapes(out, 1)
+    assert all(stored[key][1:] == list(t.shape[1:]) for key, t in feats.levels.items())  # (C, H, W) rows
+    for key, t in feats.levels.items():
+        assert t.is_contiguous()
+        torch.testing.assert_close(t, want[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(layout="NHWC"), "layout 'NHWC' is not valid; use one of nhwc, nchw"),
+    (dict(layout="nchw", pool="avg"), "layout 'nchw' is for unpooled maps; with pool 'avg'"),
+])
+def test_a_bad_layout_is_refused_before_anything_is_written(tmp_path, images, kwargs, message):
+    out = tmp_path / "out"
+    with pytest.raises(ExtractError, match=message):
+        extract_features(MODEL, [images], out, **{**RUN, **kwargs})
+    assert not out.exists()
+
+
 def test_float16_store_holds_the_float32_rows_cast(tmp_path, images):
     """store_dtype: the model runs in float32, the shards hold float16; automatic decoding (after 2 probe batches)."""
     out = tmp_path / "out"
@@ -277,12 +351,17 @@ def test_float16_store_holds_the_float32_rows_cast(tmp_path, images):
                                                                       "batch_size": 2})
     assert torch.get_num_threads() == threads
     feats = load_features(out)
-    assert feats.meta["runs"][-1]["workers"] == 0 and feats.meta["runs"][-1]["decode_threads"] >= 1
+    last = feats.meta["runs"][-1]
+    assert last["workers"] == 0 and (last["decode_threads"] >= 1) != (last["lanes"] == 2)  # threads, or lanes
     assert feats.meta["settings"]["dtype"] == "float32" and feats.meta["settings"]["store_dtype"] == "float16"
     with safe_open(str(out / "shards" / "000000.safetensors"), framework="pt") as f:
         assert f.get_slice(f.keys()[0]).get_dtype() == "F16"
     model = build_feature_model(MODEL, [1, 4])
-    want = _direct(model, feats.paths, Preprocess.from_cfg(model.default_cfg, SIZE), 2)
+    torch.set_num_threads(last["threads"])  # the model's threads in the run (in each lane, with lanes)
+    try:
+        want = _direct(model, feats.paths, Preprocess.from_cfg(model.default_cfg, SIZE), 2)
+    finally:
+        torch.set_num_threads(threads)
     for got, w in zip(feats.levels.values(), want):
         assert got.dtype == torch.float16
         torch.testing.assert_close(got, w.half(), rtol=0, atol=0)
@@ -298,6 +377,67 @@ class _SlowBatches:
         self.started.append(k)
         time.sleep(self.delays[k])
         return (k, None, [k], [])
+
+
+def test_lanes_emit_in_batch_order_with_a_bound():
+    """Lanes finish batches out of order (uneven decoding times); emit sees them in order, and no lane runs more
+    than 2 * lanes batches ahead of the next one emitted."""
+    batches = _SlowBatches([0.04, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.03, 0.0, 0.0])
+    emitted, ahead = [], []
+
+    def step(batch, rows):
+        ahead.append(len(batches.started) - len(emitted))
+        return {"k": rows[0]}
+
+    lanes = _Lanes(batches, list(range(10)), 2, step, lambda k, outs, rows, skipped: emitted.append((k, outs["k"])))
+    lanes.run()
+    assert emitted == [(k, k) for k in range(10)]
+    assert max(ahead) <= 4 and sorted(batches.started) == list(range(10))
+    assert lanes.decode_s >= 0.07
+
+
+@pytest.mark.parametrize("in_main", [True, False])
+def test_a_failing_lane_stops_every_lane_and_raises(in_main):
+    """The first error, in the calling thread's lane or another, is raised after every lane has stopped; no batch
+    after the failed one is emitted, and no lane thread is left running."""
+    batches = _SlowBatches([0.0] * 20)
+    emitted = []
+    main = threading.current_thread()
+
+    def step(batch, rows):
+        time.sleep(0.01)
+        if rows[0] >= 3 and (threading.current_thread() is main) == in_main:
+            raise OSError(f"disk full at {rows[0]}")
+        return {}
+
+    before = threading.active_count()
+    with pytest.raises(OSError, match="disk full"):
+        _Lanes(batches, list(range(20)), 2, step, lambda k, *rest: emitted.append(k)).run()
+    assert threading.active_count() == before
+    assert emitted == list(range(len(emitted))) and len(emitted) < 20 and len(batches.started) < 20
+
+
+def test_lanes_store_the_rows_of_the_model(tmp_path, images, monkeypatch):
+    """An automatic run in lanes stores, in order, the rows the model gives on the same batches (one torch thread
+    per lane, as here), records the choice, restores the thread count and leaves no thread running."""
+    from featurezoo.extract import run
+
+    monkeypatch.setattr(run, "choose_decoding", lambda *a, **k: Decoding(0, 0, 1, lanes=2))
+    out = tmp_path / "out"
+    threads, before = torch.get_num_threads(), threading.active_count()
+    extract_features(MODEL, [images], out, **{**RUN, "workers": None, "batch_size": 1})
+    assert threading.active_count() == before and torch.get_num_threads() == threads
+    feats = load_features(out)
+    last = feats.meta["runs"][-1]
+    assert (last["lanes"], last["threads"], last["decode_threads"], last["workers"]) == (2, 1, 0, 0)
+    model = build_feature_model(MODEL, "pyramid")
+    torch.set_num_threads(1)
+    try:
+        want = _direct(model, feats.paths, Preprocess.from_cfg(model.default_cfg, SIZE), 1)
+    finally:
+        torch.set_num_threads(threads)
+    for got, w in zip(feats.levels.values(), want):
+        torch.testing.assert_close(got, w, rtol=0, atol=0)
 
 
 def test_decoding_threads_keep_batch_order_and_a_bound():

@@ -321,10 +321,10 @@ def test_damaged_output_is_refused_then_repaired_by_a_rerun(copy, images, refere
      r"meta\.json is damaged: settings\.batch_size is '2', not a positive integer; rerun the extraction with "
      r"--overwrite"),
     (lambda out: _edit_meta(out, lambda m: m["settings"]["levels"][0].update(shape=[64, 4, 4])),
-     r"shards/000000\.safetensors holds layer2 as F32 \[2, 128, 4, 4\], but the index and meta\.json say "
-     r"F32 \[2, 64, 4, 4\]"),
+     r"shards/000000\.safetensors holds layer2 as F32 \[2, 4, 4, 128\], but the index and meta\.json say "
+     r"F32 \[2, 4, 4, 64\] \(layout nhwc: N, H, W, C\)"),
     (lambda out: _edit_meta(out, lambda m: m.update(format_version=99)),
-     r"meta\.json is format 'featurezoo-features' version 99, this featurezoo reads and writes version 1; "
+     r"meta\.json is format 'featurezoo-features' version 99, this featurezoo reads versions 1, 2; "
      r"rerun the extraction with --overwrite"),
 ], ids=["meta-not-json", "meta-batch-size", "meta-levels", "meta-version"])
 def test_edited_meta_is_refused_naming_the_file(copy, images, reference, edit, message):

@@ -8,6 +8,7 @@ from typing import Sequence
 
 from ..extract import DTYPES, ENGINES, POOLS, ExtractSummary, extract_features
 from ..extract.plan import MAX_SIZE
+from ..extract.store import LAYOUTS
 from .common import (EXIT_OK, add_levels, add_weights, check_model, need, nonneg_float, parse_size, plural,
                      positive_float, positive_int, workers)
 
@@ -28,16 +29,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="default: 32")
     p.add_argument("--workers", type=workers, default=None, metavar="N",
                    help="decoding processes; 0 decodes in the main process, on --decode-threads threads; auto "
-                        "(default) times the first batches and uses workers only where decoding is slow next to "
-                        "the model")
+                        "(default) times the first batches: on a CPU, two lanes that each decode a batch and run "
+                        "the model on it, or, where decoding costs a quarter of the model's time or more, each "
+                        "batch decoded on every core before the model; on a GPU, processes")
     p.add_argument("--decode-threads", type=workers, default=None, metavar="N",
                    help="with no decoding processes: threads decoding while the model runs; 0 decodes between "
-                        "batches; auto (default): one per core beyond the first, at least 1")
+                        "batches (default: 1, or with --workers auto as it chooses)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch threads for the model (default: torch's)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--store-dtype", choices=list(DTYPES), default=None,
                    help="dtype of the stored features (default: --dtype); float16 halves what a float32 model writes")
+    p.add_argument("--layout", choices=list(LAYOUTS), default=None,
+                   help="how unpooled maps are stored in the shards: nhwc (N, H, W, C; the default of a new run, "
+                        "written without a transpose) or nchw; a resumed run keeps its own. load_features returns "
+                        "(N, C, H, W) either way")
     p.add_argument("--eager", action="store_true",
                    help="run the eager model, not the inference path (folded BatchNorms, channels-last; float32 "
                         "outputs within 1e-5 of the eager model's largest value)")
@@ -97,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     run_extract(args.model, args.inputs, args.out, progress=not args.quiet and sys.stderr.isatty(),
                 out_indices=args.out_indices, pool=args.pool, batch_size=args.batch_size, workers=args.workers,
                 decode_threads=args.decode_threads, dtype=args.dtype, store_dtype=args.store_dtype,
+                layout=args.layout,
                 device=args.device, checkpoint_path=args.checkpoint, pretrained=args.pretrained,
                 size=args.size, jpeg_draft=not args.no_draft, overwrite=args.overwrite, threads=args.threads,
                 engine=args.engine, ray_address=args.ray_address, model_workers=args.model_workers,

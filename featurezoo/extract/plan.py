@@ -44,7 +44,7 @@ from ..factory import create_model
 from ..inference import optimize_for_inference
 from ..registry import build_on_meta
 from .data import ExtractError, PathLike, Preprocess, collect_inputs, looks_like_images, pillow
-from .store import FeatureStore, inputs_digest
+from .store import DEFAULT_LAYOUT, LAYOUTS, FeatureStore, existing_layout, inputs_digest
 
 __all__ = ["Job", "Plan", "ExtractSummary", "check_arguments", "list_inputs", "prepare", "already_complete",
            "finish", "build_feature_model", "probe_model", "weights_setting", "resolve_dtype", "resolve_device",
@@ -262,21 +262,29 @@ class Job:
     given: List[PathLike]  # the inputs as given
     store_dtype_name: str = "float32"
     store_dtype: torch.dtype = torch.float32  # the stored features' (the model's dtype unless asked otherwise)
+    layout: Optional[str] = None  # the stored maps' layout as asked (None: a resumed run's, else DEFAULT_LAYOUT)
 
 
 def check_arguments(model_name: str, inputs: Iterable[PathLike], out_dir: PathLike, *, device: torch.device,
                     out_indices: OutIndices = None, pool: str = "none", batch_size: int = 32,
                     dtype: Union[str, torch.dtype] = "float32", checkpoint_path: PathLike = "",
                     pretrained: bool = False, size: Optional[Tuple[int, int]] = None,
-                    jpeg_draft: bool = True, store_dtype: Union[str, torch.dtype, None] = None) -> Job:
+                    jpeg_draft: bool = True, store_dtype: Union[str, torch.dtype, None] = None,
+                    layout: Optional[str] = None) -> Job:
     """Everything that can be wrong with the arguments, as :class:`ExtractError`; reads no input, writes nothing.
 
     ``device`` is resolved by the engine (a Ray engine's model runs on its workers, not here).
-    ``store_dtype`` (default: ``dtype``) is the dtype the features are stored in.
+    ``store_dtype`` (default: ``dtype``) is the dtype the features are stored in; ``layout``
+    (``"nhwc"``/``"nchw"``, unpooled maps only) how maps are stored.
     """
     pillow()
     if pool not in POOLS:
         raise ExtractError(f"pool {pool!r} is not valid; use one of {', '.join(POOLS)}")
+    if layout is not None and layout not in LAYOUTS:
+        raise ExtractError(f"layout {layout!r} is not valid; use one of {', '.join(LAYOUTS)}")
+    if layout is not None and pool != "none":
+        raise ExtractError(f"layout {layout!r} is for unpooled maps; with pool {pool!r} the features are (C,) "
+                           f"vectors: leave layout out")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ExtractError(f"batch size must be a positive integer, got {batch_size!r}")
     dtype_name, torch_dtype = resolve_dtype(dtype)
@@ -295,7 +303,7 @@ def check_arguments(model_name: str, inputs: Iterable[PathLike], out_dir: PathLi
         raise ExtractError("no inputs given")
     return Job(model_name, indices, info, cfg, shapes, preprocess, pool, batch_size, dtype_name, torch_dtype,
                device, checkpoint_path, pretrained, weights, os.path.abspath(os.fspath(out_dir)), given,
-               store_name, store_torch)
+               store_name, store_torch, layout)
 
 
 def list_inputs(job: Job, lister: Lister = collect_inputs) -> List[str]:
@@ -349,6 +357,10 @@ def prepare(job: Job, paths: List[str], overwrite: bool = False) -> Plan:
     }
     if job.store_dtype_name != job.dtype_name:  # recorded only when asked for: older directories still resume
         settings["store_dtype"] = job.store_dtype_name
+    if job.pool == "none":
+        layout = job.layout or (None if overwrite else existing_layout(job.out_dir)) or DEFAULT_LAYOUT
+        if layout != "nchw":  # recorded only when not NCHW: version 1 directories (all NCHW) still resume
+            settings["layout"] = layout
     store = FeatureStore.open(job.out_dir, settings, paths, job.batch_size, overwrite=overwrite)
     return Plan(job, paths, levels, store, overwrite)
 

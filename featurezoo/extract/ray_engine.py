@@ -211,7 +211,7 @@ class _ModelWorker:
 
     def __init__(self, model_name: str, indices: List[int], checkpoint_path: str, pretrained: bool,
                  dtype_name: str, device: str, pool: str, preprocess: Preprocess, level_keys: List[str],
-                 out_dir: str, threads: int, driver_version: str, store_dtype_name: str = ""):
+                 out_dir: str, threads: int, driver_version: str, store_dtype_name: str = "", layout: str = "nchw"):
         if __version__ != driver_version:
             raise RuntimeError(f"this Ray worker imports featurezoo {__version__} from "
                                f"{os.path.dirname(os.path.dirname(__file__))}, the driver runs {driver_version}; "
@@ -222,7 +222,7 @@ class _ModelWorker:
         self.store_dtype = getattr(torch, store_dtype_name or dtype_name)
         self.model = build_feature_model(model_name, indices, checkpoint_path, pretrained, tuple(preprocess.size))
         self.model.to(device=self.device, dtype=self.dtype)
-        self.pool, self.preprocess, self.keys, self.out = pool, preprocess, level_keys, out_dir
+        self.pool, self.preprocess, self.keys, self.out, self.layout = pool, preprocess, level_keys, out_dir, layout
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         h, w = self.preprocess.size
@@ -236,7 +236,7 @@ class _ModelWorker:
                     x = self.preprocess.normalize(pixels.to(self.device), self.dtype)
                     feats = pool_features(self.model(x), self.pool)
                     tensors = {key: f.to("cpu", self.store_dtype) for key, f in zip(self.keys, feats)}
-                shard = write_shard(self.out, int(k), tensors, n)
+                shard = write_shard(self.out, int(k), tensors, n, self.layout)
             ks.append(int(k))
             rows.append(n)
             shards.append(shard)
@@ -382,7 +382,8 @@ def _run(ray: ModuleType, plan: Plan, done: int, workers: int, cpus: float, gpus
                                    dtype_name=job.dtype_name, device=job.device.type, pool=job.pool,
                                    preprocess=job.preprocess, level_keys=plan.level_keys, out_dir=str(store.out),
                                    threads=threads, driver_version=__version__,
-                                   store_dtype_name=job.store_dtype_name),
+                                   store_dtype_name=job.store_dtype_name,
+                                   layout=store.settings.get("layout", "nchw")),
     )
     finished: Dict[int, Tuple[str, int, List[Tuple[int, str]]]] = {}  # batches done but not yet indexed
     next_k, n_skipped = done, before["skipped"]

@@ -5,9 +5,11 @@ as a bounded pipeline of three stages that overlap: images are decoded
 (:mod:`.data`) a few batches ahead, on threads of this process (or in
 DataLoader worker processes); the model runs on the main thread; a writer
 thread casts (``store_dtype``) and writes the shards (:mod:`.store`). How
-decoding runs (beside the model, or on a CPU where it costs a quarter of the
-model's time or more, phased: each batch on every core, then the model) is
-chosen from the first batches' timings (:func:`choose_decoding`). ``engine="ray"`` hands the
+decoding runs is chosen from the first batches' timings
+(:func:`choose_decoding`): on a CPU, in two lanes that each decode a batch
+and then run the model on it (so one lane's decoding overlaps the other's
+model), or where decoding costs a quarter of the model's time or more,
+phased (each batch on every core, then the model). ``engine="ray"`` hands the
 same plan to :mod:`.ray_engine`. The checks, the settings, the output
 directory and the summary are the engines' shared :mod:`.plan`. See
 ``benchmarks/bench_extract.py``.
@@ -57,6 +59,7 @@ def default_workers() -> int:
 AUTO_PROBE_BATCHES = 2
 AUTO_MIN_DECODE_SHARE = 0.25
 AUTO_MAX_WORKERS = 16
+LANES = 2  # lanes of a CPU run whose decoding is cheap (see choose_decoding)
 
 
 def choose_workers(decode_per_model: float, device: torch.device, cores: Optional[int] = None) -> int:
@@ -85,8 +88,9 @@ class Decoding(NamedTuple):
 
     workers: int  # decoding processes (DataLoader workers)
     threads: int  # decoding threads in this process, when workers is 0 (0: between batches, on the model's thread)
-    model_threads: Optional[int]  # torch threads for the model; None: unchanged
+    model_threads: Optional[int]  # torch threads for the model (in each lane, with lanes); None: unchanged
     phased: bool = False  # the threads decode each batch's images together while the model waits, then the model runs
+    lanes: int = 0  # threads that each decode a batch, then run the model on it (0: none; the model runs here)
 
 
 def choose_decoding(decode_per_model: float, device: torch.device, cores: Optional[int] = None,
@@ -96,28 +100,34 @@ def choose_decoding(decode_per_model: float, device: torch.device, cores: Option
     On a GPU, decoding processes as :func:`choose_workers` says (the model
     leaves the cores to them). On a CPU, decoding runs on threads of this
     process (Pillow's decoder and resampler release the GIL; no process
-    start-up, pickling or copies):
+    start-up, pickling or copies), and never beside the model's parallel
+    regions: a model thread that loses its core to a decoding thread stalls
+    the region (each waits for its slowest thread), so the model slows by more
+    than the decoding costs.
 
     * cheap decoding (under :data:`AUTO_MIN_DECODE_SHARE` of the model's time):
-      one thread, decoding ahead while the model runs, filling its idle
-      moments; the model keeps its threads;
-    * otherwise, phased: one thread per core decodes each batch's images
-      together, then the model runs on its threads, while the next batch
-      waits. Decoding beside the model instead puts more busy threads than
-      cores on the machine, and a model thread that loses its core stalls
-      the model's parallel regions (each waits for its slowest thread): on
-      2 cores, mobilenet_v3_small_100 (decoding 2-3x the model's time)
-      extracted at 201.8 img/s with 1 decoding thread beside the model's 2,
-      231.1 with 2, and 288.5 phased (``benchmarks/bench_extract.py
-      --workers auto 0:1 0:2``, README).
+      two lanes, each decoding a batch and then running the model on it with
+      half the threads; one lane's decoding and writing overlap the other's
+      model. On 2 cores resnet50 (decoding ~0.05 of the model's time) extracted
+      unpooled at 0.90 and 0.87 of its model-only rate in lanes against 0.87
+      and 0.85 with one decoding thread beside the model's 2, in alternating
+      runs (``benchmarks/bench_extract.py --workers auto 0:1``, README);
+    * costly decoding: phased: one thread per core decodes each batch's images
+      together, then the model runs on its threads. On 2 cores
+      mobilenet_v3_small_100 (decoding 2-3x the model's time) extracted at
+      201.8 img/s with 1 decoding thread beside the model's 2, 231.1 with 2,
+      and 288.5 phased; lanes were no faster than phased.
 
-    ``model_threads`` (the run's ``threads``, when given) is kept in every case.
+    One core: one decoding thread. ``model_threads`` (the run's ``threads``,
+    when given) is the model's thread count, split between the lanes.
     """
     cores = cores or available_cores()
     if device.type != "cpu":
         return Decoding(choose_workers(decode_per_model, device, cores), 0, None)
-    if decode_per_model < AUTO_MIN_DECODE_SHARE or cores < 2:
+    if cores < 2:
         return Decoding(0, 1, None)
+    if decode_per_model < AUTO_MIN_DECODE_SHARE:
+        return Decoding(0, 0, max(1, (model_threads or cores) // LANES), lanes=LANES)
     return Decoding(0, min(cores, AUTO_MAX_WORKERS), None, phased=True)
 
 
@@ -224,6 +234,76 @@ def _threaded(dataset: ImageBatches, ks: Sequence[int], threads: int, depth: int
         pool.shutdown(wait=True)
 
 
+class _Lanes:
+    """Batches ``ks`` on ``lanes`` threads (the calling one among them): each lane decodes a batch on its own
+    thread, then runs ``step(batch, rows)`` on it (the model, with the torch threads set by the caller);
+    ``emit(k, outs, rows, skipped)`` gets the results in batch order, called by whichever lane completes the
+    next one, under the lanes' lock (so a full writer queue holds every lane back).
+
+    A lane takes a batch only while fewer than ``2 * lanes`` taken batches wait to be emitted, so at most that
+    many results are held. The first error (or an interrupt of the calling thread) stops every lane after its
+    current batch; it is raised once they have all stopped, and nothing after the last emitted batch is emitted.
+    ``decode_s`` is the decoding time summed over the lanes.
+    """
+
+    def __init__(self, dataset: ImageBatches, ks: Sequence[int], lanes: int, step, emit):
+        self.dataset, self.ks, self.lanes, self.step, self.emit = dataset, list(ks), lanes, step, emit
+        self.cond = threading.Condition()
+        self.taken = 0  # positions in ks handed to a lane
+        self.emitted = 0  # positions in ks emitted
+        self.ready: Dict[int, tuple] = {}
+        self.error: Optional[BaseException] = None
+        self.decode_s = 0.0
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._lane, name=f"featurezoo-lane-{i}", daemon=True)
+                   for i in range(1, self.lanes)]
+        for t in threads:
+            t.start()
+        try:
+            self._lane()
+        finally:  # on an error or an interrupt here, the other lanes stop after their current batch
+            for t in threads:
+                t.join()
+        if self.error is not None:
+            raise self.error
+
+    def _take(self) -> Optional[int]:
+        with self.cond:
+            while self.error is None and self.taken < len(self.ks) and self.taken - self.emitted >= 2 * self.lanes:
+                self.cond.wait()
+            if self.error is not None or self.taken >= len(self.ks):
+                return None
+            self.taken += 1
+            return self.taken - 1
+
+    def _lane(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    pos = self._take()
+                    if pos is None:
+                        return
+                    t0 = time.perf_counter()
+                    k, batch, rows, skipped = self.dataset[self.ks[pos]]
+                    t1 = time.perf_counter()
+                    result = (k, self.step(batch, rows), rows, skipped)
+                    with self.cond:
+                        self.decode_s += t1 - t0
+                        self.ready[pos] = result
+                        while self.error is None and self.emitted in self.ready:
+                            self.emit(*self.ready.pop(self.emitted))
+                            self.emitted += 1
+                        self.cond.notify_all()
+        except BaseException as e:
+            with self.cond:
+                if self.error is None:
+                    self.error = e
+                self.cond.notify_all()
+            if threading.current_thread() is threading.main_thread():
+                raise
+
+
 def extract_features(
     model_name: str,
     inputs: Iterable[PathLike],
@@ -236,6 +316,7 @@ def extract_features(
     decode_threads: Optional[int] = None,
     dtype: Union[str, torch.dtype] = "float32",
     store_dtype: Union[str, torch.dtype, None] = None,
+    layout: Optional[str] = None,
     device: Union[str, torch.device] = "cpu",
     checkpoint_path: PathLike = "",
     pretrained: bool = False,
@@ -265,8 +346,9 @@ def extract_features(
         pool: ``"none"`` stores ``(C, H, W)`` maps, ``"avg"``/``"max"`` store ``(C,)`` vectors.
         workers: decoding processes; 0 decodes in this process, on ``decode_threads``
             threads; ``None`` (auto) times the first batches decoded in this process (on every core)
-            against the model and picks with :func:`choose_decoding` (on a CPU:
-            one thread beside the model, or phased on every core).
+            against the model and picks with :func:`choose_decoding` (on a CPU: two
+            lanes that each decode a batch and run the model on it with half the
+            threads, or phased: each batch decoded on every core, then the model).
             Local engine only.
         decode_threads: with no decoding processes, the threads that decode in this
             process while the model runs (default: 1, or with ``workers=None`` as
@@ -277,6 +359,11 @@ def extract_features(
             halves what a float32 model writes (values beyond float16's 65504 become
             inf). Recorded in ``meta.json``; :func:`~featurezoo.extract.load_features`
             returns this dtype.
+        layout: how unpooled maps are stored in the shards: ``"nhwc"`` (``(N, H, W, C)``;
+            the default of a new run: the inference path's channels-last maps are written
+            without a transpose) or ``"nchw"``. ``None``: a resumed run's layout, else
+            ``"nhwc"``. :func:`~featurezoo.extract.load_features` returns ``(N, C, H, W)``
+            either way. Not for pooled features.
         eager: run the eager model instead of the inference path (recorded as ``path`` in meta.json's
             run; resuming with the other path is allowed, float32 outputs agree within 1e-5 of max).
         checkpoint_path / pretrained: the weights; with neither the model is
@@ -284,9 +371,9 @@ def extract_features(
         size: ``(H, W)`` of the model input; default the model's cfg.
         jpeg_draft: let JPEGs decode at a reduced scale when they are at least
             twice the size needed (faster, very slightly different pixels).
-        threads: torch threads for the model during the run (default: unchanged, or
-            with ``workers=None`` the cores decoding leaves; on a Ray cluster: each
-            model worker's, default ``cpus_per_worker``).
+        threads: torch threads for the model during the run (default: unchanged; with
+            ``workers=None`` on a CPU, split between the two lanes when it runs them;
+            on a Ray cluster: each model worker's, default ``cpus_per_worker``).
         progress: show a progress bar (images/s) on stderr (needs tqdm).
         engine: ``"local"`` (this machine) or ``"ray"`` (a Ray cluster through Ray Data,
             :mod:`featurezoo.extract.ray_engine`; needs ``featurezoo[ray]``). Both
@@ -299,7 +386,7 @@ def extract_features(
     """
     common = dict(out_indices=out_indices, pool=pool, batch_size=batch_size, dtype=dtype,
                   checkpoint_path=checkpoint_path, pretrained=pretrained, size=size, jpeg_draft=jpeg_draft,
-                  store_dtype=store_dtype)
+                  store_dtype=store_dtype, layout=layout)
     if engine == "ray":
         if eager:
             raise ExtractError("eager is for the local engine; the Ray engine's model workers run the inference "
@@ -355,16 +442,24 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
     writer = _Writer(store, store_dtype=None if job.store_dtype == job.dtype else job.store_dtype)
     n_skipped = before["skipped"]
     busy = {"model": 0.0, "input_wait": 0.0}
+    busy_lock = threading.Lock()  # lanes add to busy from their threads
 
-    def compute(k: int, batch: torch.Tensor, rows: List[int], skipped: List[Tuple[int, str]]) -> None:
-        nonlocal n_skipped
+    def step(batch: torch.Tensor, rows: List[int]) -> Dict[str, torch.Tensor]:
         t_start = time.perf_counter()
         outs: Dict[str, torch.Tensor] = {}
         if rows:
             x = preprocess.normalize(batch.to(dev, non_blocking=True), dtype)
             feats = pool_features(model(x), job.pool)
             outs = {name: f.to("cpu") for name, f in zip(names, feats)}
-        busy["model"] += time.perf_counter() - t_start
+        with busy_lock:
+            busy["model"] += time.perf_counter() - t_start
+        return outs
+
+    def compute(k: int, batch: torch.Tensor, rows: List[int], skipped: List[Tuple[int, str]]) -> None:
+        emit(k, step(batch, rows), rows, skipped)
+
+    def emit(k: int, outs: Dict[str, torch.Tensor], rows: List[int], skipped: List[Tuple[int, str]]) -> None:
+        nonlocal n_skipped
         for pos, reason in skipped:
             _logger.info("skipped %s: %s", store.paths[pos], reason)
         writer.put(k, outs, rows, skipped)
@@ -401,16 +496,20 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
                             ratio = pool.busy / max(time.perf_counter() - t_decoded, 1e-9)
                 if pending:
                     choice = Decoding(default_workers(), 0, None) if ratio is None else \
-                        choose_decoding(ratio, dev, model_threads=threads)
+                        choose_decoding(ratio, dev, model_threads=torch.get_num_threads())
                     if decode_threads is not None and not choice.workers:  # threads beside the model, as asked
-                        choice = choice._replace(threads=decode_threads, phased=False)
+                        choice = Decoding(0, decode_threads, None)
                     _logger.info("decoding takes %s the model's time: %d decoding process(es), %d thread(s)%s; "
                                  "model threads %s", "?" if ratio is None else f"{ratio:.2f}x", choice.workers,
-                                 choice.threads, ", phased" if choice.phased else "",
-                                 choice.model_threads or "unchanged")
+                                 choice.threads, f", {choice.lanes} lanes" if choice.lanes else
+                                 ", phased" if choice.phased else "", choice.model_threads or "unchanged")
             choice = choice._replace(workers=min(choice.workers, len(pending)))
             with num_threads(choice.model_threads):
-                if pending and choice.phased:
+                if pending and choice.lanes:
+                    lanes = _Lanes(dataset, pending, choice.lanes, step, emit)
+                    lanes.run()
+                    busy["input_wait"] += lanes.decode_s
+                elif pending and choice.phased:
                     with _TimedThreads(choice.threads) as pool:
                         consume(dataset.decode(k, pool) for k in pending)
                 elif pending and choice.workers:
@@ -435,10 +534,12 @@ def _run(model: nn.Module, plan: Plan, done: int, workers: Optional[int], thread
     return finish(plan, before, done, seconds,
                   {"workers": choice.workers, "workers_auto": auto,
                    "decode_threads": 0 if choice.workers else choice.threads, "decode_phased": choice.phased,
+                   "lanes": choice.lanes,
                    "decode_model_ratio": None if ratio is None else round(ratio, 4),
                    "threads": model_threads, "device": str(dev),
                    # where the time went: the model's thread computing, waiting for decoded batches, and
-                   # blocked on the shard writer (the rest is the progress bar, logging and start-up)
+                   # blocked on the shard writer (the rest is the progress bar, logging and start-up); with
+                   # lanes, the lanes' computing and decoding summed over them
                    "model_s": round(busy["model"], 3), "input_wait_s": round(busy["input_wait"], 3),
                    "write_wait_s": round(writer.waited, 3),
                    "path": "inference" if isinstance(model, InferenceModel) else "eager"},

@@ -8,7 +8,15 @@ Layout of ``OUT``::
     index.jsonl        one line per input, in input order, written after its shard:
                        {"i": 7, "path": "...", "shard": "shards/000001.safetensors", "row": 3}
                        {"i": 8, "path": "...", "skipped": "not an image"}
-    shards/NNNNNN.safetensors   batch NNNNNN: one tensor per feature level, rows aligned
+    shards/NNNNNN.safetensors   batch NNNNNN: one tensor per feature level, rows aligned; unpooled
+                       maps are stored (N, H, W, C) where the settings say "layout": "nhwc" (the
+                       default of new runs: the inference path's channels-last maps go to disk
+                       without a transpose), else (N, C, H, W); pooled features (N, C)
+
+:func:`load_features` and :func:`iter_shards` return maps as ``(N, C, H, W)``
+tensors either way (an ``nhwc`` directory's are channels-last views of the
+stored memory: no copy). Version 1 directories (no ``layout``: ``nchw``) are
+read, and resumed, as they are.
 
 Every file is written with :func:`featurezoo.atomic.atomic_write` or
 :func:`~featurezoo.atomic.atomic_path` (a temporary name, fsync, rename, fsync of the folder); only after its shard is
@@ -72,17 +80,23 @@ from ..atomic import atomic_path, atomic_write, fault_point, is_temp_name, write
 from .data import ExtractError, PathLike, batch_bounds
 
 __all__ = ["FeatureStore", "Features", "load_features", "iter_shards", "write_safetensors", "write_shard",
-           "inputs_digest", "shard_name", "FORMAT", "FORMAT_VERSION"]
+           "inputs_digest", "shard_name", "FORMAT", "FORMAT_VERSION", "LAYOUTS", "DEFAULT_LAYOUT", "to_stored",
+           "from_stored", "existing_layout"]
 
 _logger = logging.getLogger(__name__)
 
 FORMAT = "featurezoo-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: settings may say "layout": "nhwc" (version 1 directories are NCHW, and still read)
+_READ_VERSIONS = (1, 2)
+# How unpooled (C, H, W) maps are stored: "nhwc" (the default of a new run) or "nchw". Absent from the
+# settings: "nchw" (version 1 directories, and runs that ask for it).
+LAYOUTS = ("nhwc", "nchw")
+DEFAULT_LAYOUT = "nhwc"
 META, INPUTS, INDEX, SHARDS, LOCK = "meta.json", "inputs.json", "index.jsonl", "shards", ".lock"
 _OWN_FILES = (META, INPUTS, INDEX, LOCK)
 
 # Settings whose change makes old rows incompatible with new ones, in the order they are reported.
-SETTING_KEYS = ("model", "weights", "out_indices", "pool", "dtype", "store_dtype", "device", "size",
+SETTING_KEYS = ("model", "weights", "out_indices", "pool", "dtype", "store_dtype", "layout", "device", "size",
                 "preprocessing", "batch_size", "inputs", "levels")
 # A safetensors header longer than this is not one of ours (ours name a few tensors: under 1 KB a level).
 _MAX_HEADER = 1 << 24
@@ -92,6 +106,32 @@ _DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 def shard_name(batch: int) -> str:
     return f"{SHARDS}/{batch:06d}.safetensors"
+
+
+def _stored_shape(shape: Tuple[int, ...], layout: str) -> Tuple[int, ...]:
+    """The stored shape of a row of logical ``shape``: a ``(C, H, W)`` map is ``(H, W, C)`` in ``nhwc``."""
+    return (*shape[1:], shape[0]) if layout == "nhwc" and len(shape) == 3 else shape
+
+
+def to_stored(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The ``(N, C, H, W)`` batch ``t`` as it is stored in ``layout`` (a view: ``(N, H, W, C)`` for ``nhwc``,
+    contiguous when ``t`` is channels-last, as the inference path's maps are)."""
+    return t.permute(0, 2, 3, 1) if layout == "nhwc" and t.dim() == 4 else t
+
+
+def from_stored(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """A stored batch as ``(N, C, H, W)`` (for ``nhwc``, a channels-last view of the same memory)."""
+    return t.permute(0, 3, 1, 2) if layout == "nhwc" and t.dim() == 4 else t
+
+
+def existing_layout(out_dir: PathLike) -> Optional[str]:
+    """The layout of the run in ``out_dir`` (``"nchw"`` for a directory that names none), or ``None`` where it
+    holds no readable features (the checks that follow say what is wrong, if anything)."""
+    try:
+        meta = _read_meta(Path(out_dir))
+    except ExtractError:
+        return None
+    return meta["settings"].get("layout", "nchw")
 
 
 def inputs_digest(paths: Sequence[str]) -> str:
@@ -121,9 +161,9 @@ def _read_meta(out: Path) -> Dict[str, Any]:
         raise ExtractError(f"{path} is unreadable ({e}); {_START_AGAIN}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ExtractError(f"{path} is not a featurezoo features file; use an empty or new -o")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in _READ_VERSIONS:
         raise ExtractError(f"{path} is format {FORMAT!r} version {meta.get('format_version')!r}, this featurezoo "
-                           f"reads and writes version {FORMAT_VERSION}; {_START_AGAIN}")
+                           f"reads versions {', '.join(map(str, _READ_VERSIONS))}; {_START_AGAIN}")
     problem = _settings_problem(meta.get("settings"))
     if problem:
         raise ExtractError(f"{path} is damaged: {problem}; {_START_AGAIN}")
@@ -146,6 +186,8 @@ def _settings_problem(settings: Any) -> Optional[str]:
     for key in ("dtype", "store_dtype"):
         if (key == "dtype" or key in settings) and settings.get(key) not in _DTYPE_CODES:
             return f"settings.{key} is {settings.get(key)!r}, not one of {', '.join(_DTYPE_CODES)}"
+    if "layout" in settings and settings["layout"] not in LAYOUTS:
+        return f"settings.layout is {settings['layout']!r}, not one of {', '.join(LAYOUTS)}"
     levels = settings.get("levels")
     if not isinstance(levels, list) or not levels:
         return "settings.levels is missing or empty"
@@ -162,15 +204,17 @@ class _Layout:
 
     n_inputs: int
     batch_size: int
-    levels: Tuple[Tuple[str, Tuple[int, ...]], ...]  # (tensor name, shape of one row)
+    levels: Tuple[Tuple[str, Tuple[int, ...]], ...]  # (tensor name, shape of one stored row)
     dtype: str  # safetensors dtype code
     paths: Optional[Sequence[str]] = None  # the inputs, where known (a run): each index line's path is checked
+    layout: str = "nchw"  # of the maps
 
     @classmethod
     def of(cls, settings: Mapping[str, Any], paths: Optional[Sequence[str]] = None) -> "_Layout":
-        levels = tuple((lv["key"], tuple(lv["shape"])) for lv in settings["levels"])
+        layout = settings.get("layout", "nchw")
+        levels = tuple((lv["key"], _stored_shape(tuple(lv["shape"]), layout)) for lv in settings["levels"])
         return cls(settings["inputs"]["count"], settings["batch_size"], levels,
-                   _DTYPE_CODES[settings.get("store_dtype", settings["dtype"])], paths)
+                   _DTYPE_CODES[settings.get("store_dtype", settings["dtype"])], paths, layout)
 
 
 @dataclass
@@ -285,8 +329,9 @@ def _shard_problem(path: Path, n_rows: int, layout: _Layout) -> Optional[str]:
             return f"has no tensor {key!r}"
         want = [n_rows, *shape]
         if entry.get("dtype") != layout.dtype or entry.get("shape") != want:
+            stored = f" (layout {layout.layout}: N, H, W, C)" if layout.layout == "nhwc" and len(shape) == 3 else ""
             return (f"holds {key} as {entry.get('dtype')} {entry.get('shape')}, but the index and {META} say "
-                    f"{layout.dtype} {want}")
+                    f"{layout.dtype} {want}{stored}")
     if 8 + n + data_end != size:
         return f"is {'cut short' if size < 8 + n + data_end else 'too long'}: {size} bytes, its header says " \
                f"{8 + n + data_end}"
@@ -484,7 +529,7 @@ class FeatureStore:
                     skipped: Sequence[Tuple[int, str]]) -> None:
         """Write batch ``k`` (the next one): its shard, then its index lines."""
         self._check_next(k)
-        shard = write_shard(self.out, k, tensors, len(rows)) if rows else None
+        shard = write_shard(self.out, k, tensors, len(rows), self.settings.get("layout", "nchw")) if rows else None
         self.record_batch(k, shard, len(rows), skipped)
 
     def _check_next(self, k: int) -> None:
@@ -549,15 +594,17 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
               torch.bool: "BOOL"}
 
 
-def write_shard(out: Path, k: int, tensors: Mapping[str, torch.Tensor], n_rows: int) -> str:
+def write_shard(out: Path, k: int, tensors: Mapping[str, torch.Tensor], n_rows: int, layout: str = "nchw") -> str:
     """Write batch ``k``'s shard into ``out`` (atomically: a reader or a resumed run never sees part of it).
 
-    Returns its name relative to ``out``, as the index records it. Needs no
-    :class:`FeatureStore`: a Ray model worker on another machine writes its shards with it.
+    ``tensors`` are ``(N, C, H, W)`` maps (any memory format) or pooled ``(N, C)``; maps are stored in
+    ``layout`` (the run's settings' ``layout``, ``"nchw"`` where they name none). Returns the shard's name
+    relative to ``out``, as the index records it. Needs no :class:`FeatureStore`: a Ray model worker on
+    another machine writes its shards with it.
     """
     name = shard_name(k)
-    write_safetensors(Path(out) / name, tensors, {"format": FORMAT, "batch": str(k), "rows": str(n_rows)},
-                      step="shard")
+    write_safetensors(Path(out) / name, {key: to_stored(t, layout) for key, t in tensors.items()},
+                      {"format": FORMAT, "batch": str(k), "rows": str(n_rows)}, step="shard")
     return name
 
 
@@ -620,14 +667,20 @@ def _byte_parts(head: bytes, tensors: Mapping[str, torch.Tensor]) -> Iterator[An
 
 
 def _lay_out(dest: torch.Tensor, row: torch.Tensor) -> None:
-    """Copy ``row`` into the C-order ``dest``. A channels-last ``(C, H, W)`` row is copied as the 2-D transpose
+    """Copy ``row`` into the C-order ``dest``. A 3-D row whose memory is another order of its dimensions (a
+    channels-last map stored ``nchw``, or a C-order map stored ``nhwc``) is copied as a 2-D transpose, e.g.
     ``(H*W, C) -> (C, H*W)``, which torch copies in cache-sized blocks: 1.8 CPU-ms for resnet50's 8.8 MB of
-    maps per image against 3.4 as a 3-D strided copy (``benchmarks/bench_extract.py --layout``)."""
-    if row.dim() == 3 and row.permute(1, 2, 0).is_contiguous():
-        c, h, w = row.shape
-        dest.view(c, h * w).copy_(row.permute(1, 2, 0).reshape(h * w, c).t())
-    else:
-        dest.copy_(row)
+    maps per image against 3.4 as a 3-D strided copy (``benchmarks/bench_extract.py --layout``); an
+    ``nhwc`` run of the inference path needs neither (its rows are contiguous: a plain copy, 0.4)."""
+    if row.dim() == 3 and not row.is_contiguous():
+        a, b, c = row.shape
+        if row.permute(1, 2, 0).is_contiguous():  # (C, H, W) in (H, W, C) memory
+            dest.view(a, b * c).copy_(row.permute(1, 2, 0).reshape(b * c, a).t())
+            return
+        if row.permute(2, 0, 1).is_contiguous():  # (H, W, C) in (C, H, W) memory
+            dest.view(a * b, c).copy_(row.permute(2, 0, 1).reshape(c, a * b).t())
+            return
+    dest.copy_(row)
 
 
 # Shards of at least this many bytes are written with O_DIRECT (where the OS and filesystem allow it): from an
@@ -760,7 +813,8 @@ class Features:
 
     ``levels`` maps each feature level's module name (in ``out_indices``
     order) to a tensor whose row ``j`` belongs to ``paths[j]``; ``(N, C, H, W)``
-    or, pooled, ``(N, C)``. Tensors keep the stored dtype (``bfloat16`` has no
+    (channels-last memory where the run stored ``nhwc``, the default: call
+    ``.contiguous()`` for C order) or, pooled, ``(N, C)``. Tensors keep the stored dtype (``bfloat16`` has no
     numpy twin; call ``.float().numpy()`` for numpy). ``complete``: every input
     is either a row or in ``skipped`` (else the run was cut short, and the rows
     are those of its finished batches).
@@ -817,10 +871,11 @@ def _shards(out: Path, meta: Dict[str, Any], state: _IndexState) -> Iterator[Tup
     for rec in state.records:
         if "shard" in rec:
             by_shard.setdefault(rec["shard"], []).append(rec)
+    layout = meta["settings"].get("layout", "nchw")
     for shard, recs in by_shard.items():
         try:
             with safe_open(str(out / shard), framework="pt") as f:
-                tensors = {name: f.get_tensor(name) for name in levels}
+                tensors = {name: from_stored(f.get_tensor(name), layout) for name in levels}
         except (OSError, SafetensorError) as e:  # changed since it was checked
             raise _damaged(f"{out / shard} is unreadable ({e})", int(Path(shard).stem)) from None
         n = tensors[levels[0]].shape[0]
