@@ -223,7 +223,8 @@ def test_auto_decoding_on_a_cpu_runs_lanes_or_phased():
     assert choose_decoding(0.06, cpu, cores=2) == Decoding(0, 0, 1, lanes=2)
     assert choose_decoding(0.06, cpu, cores=2, model_threads=2) == Decoding(0, 0, 1, lanes=2)
     assert choose_decoding(0.1, cpu, cores=16, model_threads=8) == Decoding(0, 0, 4, lanes=2)
-    assert choose_decoding(0.1, cpu, cores=16, model_threads=1) == Decoding(0, 0, 1, lanes=2)
+    assert choose_decoding(0.1, cpu, cores=16, model_threads=3) == Decoding(0, 0, 1, lanes=2)
+    assert choose_decoding(0.1, cpu, cores=16, model_threads=1) == Decoding(0, 1, None)  # 1 thread asked: no lanes
     assert choose_decoding(0.8, cpu, cores=2) == Decoding(0, 2, None, phased=True)  # mobilenet_v3_small: all cores
     assert choose_decoding(9.0, cpu, cores=64) == Decoding(0, 16, None, phased=True)  # at most AUTO_MAX_WORKERS
     assert choose_decoding(2.5, cpu, cores=16, model_threads=8) == Decoding(0, 16, None, phased=True)

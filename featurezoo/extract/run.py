@@ -2,8 +2,8 @@
 
 ``extract_features(..., engine="local")`` (the default) runs on this machine
 as a bounded pipeline of three stages that overlap: images are decoded
-(:mod:`.data`) a few batches ahead, on threads of this process (or in
-DataLoader worker processes); the model runs on the main thread; a writer
+(:mod:`.data`) on threads of this process (or in DataLoader worker
+processes); the model runs on the main thread (or in two lanes); a writer
 thread casts (``store_dtype``) and writes the shards (:mod:`.store`). How
 decoding runs is chosen from the first batches' timings
 (:func:`choose_decoding`): on a CPU, in two lanes that each decode a batch
@@ -107,27 +107,29 @@ def choose_decoding(decode_per_model: float, device: torch.device, cores: Option
 
     * cheap decoding (under :data:`AUTO_MIN_DECODE_SHARE` of the model's time):
       two lanes, each decoding a batch and then running the model on it with
-      half the threads; one lane's decoding and writing overlap the other's
-      model. On 2 cores resnet50 (decoding ~0.05 of the model's time) extracted
-      unpooled at 0.90 and 0.87 of its model-only rate in lanes against 0.87
-      and 0.85 with one decoding thread beside the model's 2, in alternating
-      runs (``benchmarks/bench_extract.py --workers auto 0:1``, README);
+      half the threads; one lane's decoding overlaps the other's model. On 2
+      cores resnet50 unpooled (decoding ~0.05 of the model's time) extracted at
+      1.03-1.10x the images/s of one decoding thread beside the model's 2 in
+      three runs alternating the two (``benchmarks/bench_extract.py --workers
+      auto 0:1``), and at 0.94-1.04 of the model alone (README);
     * costly decoding: phased: one thread per core decodes each batch's images
       together, then the model runs on its threads. On 2 cores
       mobilenet_v3_small_100 (decoding 2-3x the model's time) extracted at
       201.8 img/s with 1 decoding thread beside the model's 2, 231.1 with 2,
       and 288.5 phased; lanes were no faster than phased.
 
-    One core: one decoding thread. ``model_threads`` (the run's ``threads``,
-    when given) is the model's thread count, split between the lanes.
+    One core, or cheap decoding and a model asked to run on one thread: one
+    decoding thread beside the model. ``model_threads`` (the run's torch
+    threads) is split between the lanes.
     """
     cores = cores or available_cores()
     if device.type != "cpu":
         return Decoding(choose_workers(decode_per_model, device, cores), 0, None)
-    if cores < 2:
+    threads = model_threads or cores
+    if cores < 2 or (decode_per_model < AUTO_MIN_DECODE_SHARE and threads < LANES):
         return Decoding(0, 1, None)
     if decode_per_model < AUTO_MIN_DECODE_SHARE:
-        return Decoding(0, 0, max(1, (model_threads or cores) // LANES), lanes=LANES)
+        return Decoding(0, 0, threads // LANES, lanes=LANES)
     return Decoding(0, min(cores, AUTO_MAX_WORKERS), None, phased=True)
 
 
