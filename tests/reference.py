@@ -7,14 +7,23 @@ venv (``make refs``).  Layout::
       mindcv-<MINDCV_VERSION>-ms-<MINDSPORE_VERSION>/
         <model>-<size>px-b<batch>-s<seed>/
           meta.json      # always present in a finished reference
-          model.ckpt     # MindSpore checkpoint of the randomised net (absent on error)
+          model.ckpt     # MindSpore checkpoint of the randomised net, kept when under 50 MB
+          weights.npz    # its parameters under 65536 elements; larger ones are a recipe in meta.json
           outputs.npz    # input, logits[, output_1...][, feat_0, feat_1, ...]
+
+``Reference.ckpt`` is ``model.ckpt`` where it was kept, else the same checkpoint rebuilt from ``meta.json``'s
+recipes and ``weights.npz`` (``tools/synth_weights.py``) into a per-process temporary directory that holds at
+most two such files and is removed when the process exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -24,7 +33,7 @@ import numpy as np
 MINDCV_VERSION = "0.3.0"
 MINDSPORE_VERSION = "2.10.0"
 # must match FORMAT_VERSION in tools/mindcv_reference.py
-REF_FORMAT_VERSION = 2
+REF_FORMAT_VERSION = 3
 DEFAULT_SEED = 0
 DEFAULT_BATCH = 2
 
@@ -50,7 +59,6 @@ class Reference:
     batch: int
     dir: Path
     meta: Dict[str, Any]
-    ckpt: Path
     input: np.ndarray
     logits: np.ndarray
     # one array per MindCV feature_info entry; None if MindCV has no features_only
@@ -58,6 +66,12 @@ class Reference:
     features: Optional[List[np.ndarray]] = None
     # extra outputs if MindCV's eval forward returned a tuple (rare)
     extra_outputs: List[np.ndarray] = field(default_factory=list)
+
+    @property
+    def ckpt(self) -> Path:
+        """The MindSpore checkpoint of the reference's net: the one MindSpore wrote, or its exact rebuild."""
+        kept = self.dir / "model.ckpt"
+        return kept if kept.is_file() else rebuilt_checkpoint(self.dir, self.meta)
 
     @property
     def features_error(self) -> Optional[str]:
@@ -118,8 +132,8 @@ def load_reference(model: str, size: int, batch: int = DEFAULT_BATCH, seed: int 
             f"MindCV failed to produce a reference for {model!r} ({size}px) "
             f"at stage {meta.get('error_stage')!r}: {meta['error']}"
         )
-    npz_path, ckpt = d / "outputs.npz", d / "model.ckpt"
-    for p in (npz_path, ckpt):
+    npz_path = d / "outputs.npz"
+    for p in (npz_path, d / "weights.npz"):
         if not p.is_file():
             raise FileNotFoundError(f"MindCV reference at {d} is incomplete ({p.name} missing); {_HOW_TO}")
     with np.load(npz_path) as z:
@@ -135,9 +149,51 @@ def load_reference(model: str, size: int, batch: int = DEFAULT_BATCH, seed: int 
         batch=int(batch),
         dir=d,
         meta=meta,
-        ckpt=ckpt,
         input=arrays["input"],
         logits=arrays["logits"],
         features=features,
         extra_outputs=extra,
     )
+
+
+def rebuilt_state(ref_dir: Path, meta: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """The reference net's parameters in checkpoint order: small ones from ``weights.npz``, large ones
+    regenerated from their recipes."""
+    from tools.synth_weights import synthesise
+
+    state = {}
+    with np.load(ref_dir / "weights.npz") as small:
+        for name, dtype, shape, recipe in meta["weights"]:
+            value = small[name] if recipe is None else synthesise(name, shape, recipe, int(meta["seed"]))
+            if str(value.dtype) != dtype or list(value.shape) != list(shape):
+                raise ValueError(f"reference at {ref_dir}: {name!r} is {value.dtype}{list(value.shape)}, "
+                                 f"meta.json says {dtype}{list(shape)}")
+            state[name] = value
+    return state
+
+
+_REBUILT_KEEP = 2
+_rebuilt_lock = threading.Lock()
+_rebuilt: List[Path] = []  # most recent last
+_rebuilt_dir: Optional[Path] = None
+
+
+def rebuilt_checkpoint(ref_dir: Path, meta: Dict[str, Any]) -> Path:
+    """``model.ckpt`` of a reference whose checkpoint was not kept, rebuilt into this process's temporary
+    directory (the last two are kept there)."""
+    global _rebuilt_dir
+    from featurezoo.checkpoint.mindspore_ckpt import write_mindspore_ckpt
+
+    with _rebuilt_lock:
+        if _rebuilt_dir is None:
+            _rebuilt_dir = Path(tempfile.mkdtemp(prefix="featurezoo-refckpt-"))
+            atexit.register(shutil.rmtree, _rebuilt_dir, True)
+        path = _rebuilt_dir / f"{ref_dir.name}.ckpt"
+        if path in _rebuilt:
+            _rebuilt.remove(path)
+        else:
+            while len(_rebuilt) >= _REBUILT_KEEP:
+                _rebuilt.pop(0).unlink(missing_ok=True)
+            write_mindspore_ckpt(rebuilt_state(ref_dir, meta), path)
+        _rebuilt.append(path)
+        return path

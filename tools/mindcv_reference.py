@@ -12,8 +12,13 @@ fixed random input and writes::
 
     CACHE/mindcv-<mindcv ver>-ms-<mindspore ver>/<model>-<size>px-b<batch>-s<seed>/
         meta.json     # always written last (directory is renamed into place)
-        model.ckpt    # mindspore.save_checkpoint of the randomised network
+        model.ckpt    # mindspore.save_checkpoint of the randomised network, if under 50 MB
+        weights.npz   # the parameters under 65536 elements, exactly (larger ones: a recipe in meta.json)
         outputs.npz   # input, logits[, feat_0, feat_1, ...]
+
+Large trainable parameters are synthesised from a recipe (tools/synth_weights.py) before the forward pass, so the tests
+rebuild any model's checkpoint from ``meta.json`` and ``weights.npz``: the cache no longer holds 50 GB of
+checkpoints of the large models.
 
 A model that cannot be built/run gets a directory holding only ``meta.json``
 with ``error`` set, so tests can report the MindCV failure explicitly.
@@ -47,6 +52,8 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
 import numpy as np  # noqa: E402
 
+from synth_weights import KEEP_CKPT_BYTES, needs_recipe, recipe_of, synthesise  # noqa: E402  (tools/, beside us)
+
 import mindspore  # noqa: E402
 import mindspore.common.initializer as ms_init  # noqa: E402
 import mindcv  # noqa: E402
@@ -56,7 +63,7 @@ from mindcv.models import registry as mindcv_registry  # noqa: E402
 # Bump whenever the content/format of a reference changes: existing
 # references with another format_version are recomputed (and rejected by
 # tests/reference.py).
-FORMAT_VERSION = 2  # 2: layer-scale gammas randomised too
+FORMAT_VERSION = 3  # 2: layer-scale gammas randomised too; 3: large parameters synthesised, weights.npz
 DEFAULT_SEED = 0
 DEFAULT_BATCH = 2
 NUM_CLASSES = 1000
@@ -222,6 +229,34 @@ def randomise_norms(net, rng):
             counts["layer_scale"] += 1
     counts["classes"] = sorted(classes)
     return counts
+
+
+def synthesise_large_params(net, seed):
+    """Replace every large trainable float32 parameter by values its recipe regenerates (tools/synth_weights.py):
+    uniform, with the mean, std and range of the randomised values. Returns {name: recipe}. Frozen parameters
+    (Swin's attention masks and one-hot relative-position indices) are structure, which our models compute
+    rather than load: they keep their values."""
+    recipes = {}
+    for name, p in net.parameters_dict().items():
+        if p.requires_grad and needs_recipe(str(np.dtype(mindspore.dtype_to_nptype(p.dtype))), p.shape):
+            recipe = recipe_of(p.asnumpy())
+            p.set_data(mindspore.Tensor(synthesise(name, p.shape, recipe, seed), dtype=p.dtype))
+            recipes[name] = recipe
+    return recipes
+
+
+def describe_weights(net, recipes):
+    """The checkpoint's entries in its order ([name, dtype, shape, recipe or None]), the exact values of the
+    small parameters, and the checkpoint's size in bytes."""
+    entries, small, nbytes = [], {}, 0
+    for name, p in net.parameters_dict().items():
+        value = p.asnumpy()
+        nbytes += value.nbytes
+        recipe = recipes.get(name)
+        if recipe is None:
+            small[name] = value
+        entries.append([name, str(value.dtype), list(value.shape), recipe])
+    return entries, small, nbytes
 
 
 def calibrate_batchnorm(net, x):
@@ -482,6 +517,8 @@ def run_job(job, out_root, force=False):
             meta["randomised_embeddings"] = randomise_pvt_embeddings(net, np.random.RandomState(seed + 3))
         x = np.random.RandomState(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
         meta["bn"] = job.get("bn", "random")
+        stage = "synthesise"
+        recipes = synthesise_large_params(net, seed)
         if meta["bn"] == "calibrated":
             stage = "calibrate"
             # 16 images: with batch 2, BNs on 1x1 maps (split attention) get degenerate statistics.
@@ -489,9 +526,13 @@ def run_job(job, out_root, force=False):
             meta["calibrated_bn"] = calibrate_batchnorm(net, calib)
         net.set_train(False)
 
-        stage = "save_checkpoint"
-        mindspore.save_checkpoint(net, str(tmp / "model.ckpt"))
-        os.chmod(tmp / "model.ckpt", 0o644)  # MindSpore writes it 0o400
+        stage = "save_weights"
+        meta["weights"], small, nbytes = describe_weights(net, recipes)
+        np.savez(tmp / "weights.npz", **small)
+        if nbytes < KEEP_CKPT_BYTES:
+            stage = "save_checkpoint"
+            mindspore.save_checkpoint(net, str(tmp / "model.ckpt"))
+            os.chmod(tmp / "model.ckpt", 0o644)  # MindSpore writes it 0o400
 
         stage = "forward"
         t1 = time.time()
@@ -529,7 +570,7 @@ def run_job(job, out_root, force=False):
         meta["error"] = format_exception(e)
         meta["error_stage"] = stage
         meta["error_traceback"] = traceback.format_exc(limit=8)[-4000:]
-        for fname in ("model.ckpt", "outputs.npz"):
+        for fname in ("model.ckpt", "weights.npz", "outputs.npz"):
             (tmp / fname).unlink(missing_ok=True)
         if model in MAE_PRETRAIN and stage == "create":
             meta.update(mae_pretrain_params(model))
