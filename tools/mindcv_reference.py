@@ -250,12 +250,14 @@ def describe_weights(net, recipes):
     small parameters, and the checkpoint's size in bytes."""
     entries, small, nbytes = [], {}, 0
     for name, p in net.parameters_dict().items():
-        value = p.asnumpy()
-        nbytes += value.nbytes
         recipe = recipes.get(name)
         if recipe is None:
-            small[name] = value
-        entries.append([name, str(value.dtype), list(value.shape), recipe])
+            value = small[name] = p.asnumpy()
+            dtype, shape = value.dtype, value.shape
+        else:  # synthesised: float32 by construction; no copy of a large parameter is needed
+            dtype, shape = np.dtype(np.float32), tuple(int(d) for d in p.shape)
+        nbytes += dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        entries.append([name, str(dtype), list(shape), recipe])
     return entries, small, nbytes
 
 
